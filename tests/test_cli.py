@@ -1,0 +1,48 @@
+"""The command line: subcommands, Caffe-style flags, errors without tracebacks."""
+import os
+import subprocess
+import sys
+
+from mpicaffe.cli import main, normalize_argv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = os.path.join(ROOT, "prototxt/lenet/lenet_train_val.prototxt")
+
+
+def test_normalize_argv_accepts_gflags_spellings():
+    assert normalize_argv(["train", "-solver", "s.prototxt", "-weights=w.caffemodel", "-gpu", "0"]) == [
+        "train", "--solver", "s.prototxt", "--weights=w.caffemodel", "--gpu", "0"]
+    assert normalize_argv(["x", "--sigint_effect=stop", "-sighup_effect", "none"]) == [
+        "x", "--sigint-effect=stop", "--sighup-effect", "none"]
+    assert normalize_argv(["launch", "-np", "2", "--", "-solver", "-1"]) == [
+        "launch", "--np", "2", "--", "-solver", "-1"]
+    assert normalize_argv(["-1", "-x"]) == ["-1", "-x"]
+
+
+def test_info_lists_layers_per_phase(capsys):
+    assert main(["info", LENET]) == 0
+    out = capsys.readouterr().out
+    assert "Net 'LeNet' (phase TRAIN): 9 layers" in out
+    lines = out.splitlines()
+    assert lines[1].split() == ["#", "name", "type", "bottoms", "tops"]
+    assert lines[2].split() == ["0", "mnist", "Data", "data,", "label"]
+    assert "accuracy" not in out
+    assert main(["info", LENET, "-phase", "TEST"]) == 0
+    out = capsys.readouterr().out
+    assert "(phase TEST): 10 layers" in out
+    assert "8  accuracy  Accuracy         ip2, label  accuracy" in out.splitlines()
+
+
+def test_user_error_exits_1_without_traceback(tmp_path):
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text("layer { name: 'a' nonsense: 1 }\n")
+    proc = subprocess.run([sys.executable, "-m", "mpicaffe", "info", str(bad)],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"mpicaffe info: error: {bad}:1:" in proc.stderr and "nonsense" in proc.stderr
+
+
+def test_unknown_phase_is_a_user_error(capsys):
+    assert main(["info", LENET, "--phase", "VALIDATE"]) == 1
+    assert "unknown phase 'VALIDATE'" in capsys.readouterr().err
