@@ -243,14 +243,15 @@ def test_digits_scaled_to_8_bit():
     np.testing.assert_array_equal(labels, raw.target)
 
 
-@pytest.mark.parametrize("name,n_train,n_test,side", [("digits", 1497, 300, 8), ("mnist", 4000, 1000, 28)])
-def test_builtin_dataset_counts_shapes_classes_and_mean(tmp_path, name, n_train, n_test, side):
+@pytest.mark.parametrize("name,n_train,n_test,side,channels", [
+    ("digits", 1497, 300, 8, 1), ("mnist", 4000, 1000, 28, 1), ("synth32", 5000, 1000, 32, 3)])
+def test_builtin_dataset_counts_shapes_classes_and_mean(tmp_path, name, n_train, n_test, side, channels):
     assert run_convert(name, "--out", tmp_path) == 0
     train, test = _builtin_summary(tmp_path, name)
     assert (len(train), len(test)) == (n_train, n_test)
     for records in (train, test):
         assert records[0][0] == b"00000000" and records[-1][0] == b"%08d" % (len(records) - 1)
-        assert {r[1].shape for r in records} == {(1, side, side)}
+        assert {r[1].shape for r in records} == {(channels, side, side)}
         assert {r[1].dtype for r in records} == {np.dtype(np.uint8)}
         assert {r[2] for r in records} == set(range(10))  # every class in both splits
     train_x = np.stack([r[1] for r in train])

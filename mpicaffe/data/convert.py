@@ -22,6 +22,7 @@ from typing import TextIO
 
 import lmdb
 
+from mpicaffe.atomic import write_bytes_atomic
 from mpicaffe.data import datasets, lmdb_io, mean_file
 from mpicaffe.errors import UserError
 
@@ -256,11 +257,7 @@ def convert_builtin(name: str, out_dir: str, seed: int = 0, test_fraction: float
 
     marker = dict(params, train=os.path.basename(paths["train"]), test=os.path.basename(paths["test"]),
                   mean=os.path.basename(paths["mean"]), shape=list(data.shape[1:]))
-    tmp = paths["marker"] + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(marker, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, paths["marker"])
+    write_bytes_atomic(paths["marker"], (json.dumps(marker, indent=2) + "\n").encode())
     return 0
 
 

@@ -5,13 +5,12 @@ reads: a (1, C, H, W) blob of float32 means over every record of a database.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Callable
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from mpicaffe.atomic import write_bytes_atomic
 from mpicaffe.data import lmdb_io
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
@@ -105,21 +104,7 @@ def mean_blobproto(mean: np.ndarray) -> caffe_pb2.BlobProto:
 
 def write_mean_file(path: str, mean: np.ndarray) -> None:
     """Write a (C, H, W) mean as a .binaryproto, atomically (temporary file, fsync, rename)."""
-    path = os.fspath(path)
-    payload = mean_blobproto(mean).SerializeToString()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(path, mean_blobproto(mean).SerializeToString())
 
 
 def read_mean_file(path: str) -> np.ndarray:
