@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Set everything up and run the whole test suite: lint, unit tests, and real `mpirun` tests.
+# Set everything up and run the whole test suite: lint, unit tests, real `mpirun` tests, and
+# parity tests against real Caffe (built from source on the first run, about 5 minutes).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k prototxt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 . .venv/bin/activate
+# real BVLC Caffe, the reference for parity tests (cached: a rerun takes seconds)
+./scripts/install_caffe.sh
 ruff check mpicaffe tests scripts
 python -m pytest -ra "$@" tests

@@ -1,8 +1,6 @@
 """Legacy net and solver upgrades, checked against what BVLC Caffe (2018 master) produces."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -11,6 +9,7 @@ from google.protobuf import text_format
 from mpicaffe import upgrade
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
+from tests.real_caffe import caffe_tool
 
 SOURCE = "models/legacy.prototxt"
 
@@ -779,23 +778,6 @@ def test_current_solver_is_returned_unchanged():
 # ---------------------------------------------------------------------------------------------
 # Against Caffe's own upgrade tool, where one is installed
 
-def _caffe_upgrade_tool() -> str | None:
-    tool = shutil.which("upgrade_net_proto_text")
-    if tool:
-        return tool
-    try:
-        import caffe  # only to locate the Caffe build it comes from
-    except ImportError:
-        return None
-    prefix = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(caffe.__file__))))
-    for candidate in ("build/tools/upgrade_net_proto_text", "build/tools/upgrade_net_proto_text.bin",
-                      "bin/upgrade_net_proto_text"):
-        path = os.path.join(prefix, candidate)
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
 @pytest.mark.parametrize("text", [V1_LENET, V0_WITH_PADDING, """
     input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8
     layers { name: "d" type: DATA top: "x" data_param { source: "db" scale: 0.5 crop_size: 4 } }
@@ -805,9 +787,7 @@ def _caffe_upgrade_tool() -> str | None:
     layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" param { name: "m" } param {} param {} }
 """], ids=["v1", "v0", "v1-data-input", "batchnorm"])
 def test_matches_caffes_upgrade_net_proto_text(text, tmp_path):
-    tool = _caffe_upgrade_tool()
-    if tool is None:
-        pytest.skip("Caffe's upgrade_net_proto_text is not installed (not on PATH, no pycaffe build)")
+    tool = caffe_tool("upgrade_net_proto_text")
     source = tmp_path / "legacy.prototxt"
     target = tmp_path / "upgraded.prototxt"
     source.write_text(text)

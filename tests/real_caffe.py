@@ -1,0 +1,37 @@
+"""Finding real BVLC Caffe (built by scripts/install_caffe.sh) from tests.
+
+Outside CI a missing Caffe skips the test with a reason; in CI (CI=true), where .ci/run builds
+Caffe first, a missing Caffe fails the test instead, so parity tests cannot silently skip there.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+
+import pytest
+
+
+def _missing(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"real Caffe is required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def caffe_tool(name: str) -> str:
+    """Path of a Caffe command-line tool (caffe, upgrade_net_proto_text, ...), or skip/fail."""
+    caffe = shutil.which("caffe")
+    if caffe is None:
+        _missing("the caffe binary is not on PATH (run scripts/install_caffe.sh)")
+    path = os.path.join(os.path.dirname(os.path.realpath(caffe)), name)
+    if not os.access(path, os.X_OK):
+        _missing(f"Caffe's {name} is not installed next to {os.path.realpath(caffe)}")
+    return path
+
+
+def import_pycaffe():
+    """Import pycaffe (`caffe`), or skip/fail."""
+    try:
+        return importlib.import_module("caffe")
+    except ImportError as e:
+        _missing(f"pycaffe is not importable (run scripts/install_caffe.sh): {e}")
