@@ -1,0 +1,370 @@
+"""Net: Caffe's Net built from a filtered NetParameter, run with torch autograd.
+
+What it reproduces from Caffe's Net::Init and friends: named blobs, in-place layers, Split semantics
+(a blob read by several layers gets the sum of their diffs, here by autograd), loss weights,
+propagate_down, force_backward, parameter sharing by `param { name }` with lr_mult/decay_mult
+checks, net outputs (blobs produced and never consumed, in name order as Caffe's std::set keeps
+them), sharing trained layers with a test net, and copying weights by layer name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpicaffe.backends.engine.blob import Blob
+from mpicaffe.backends.engine.layers import Layer, create_layer
+from mpicaffe.errors import UserError
+from mpicaffe.proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParamInfo:
+    """One learnable parameter blob (an owner, not a sharer) and its place in the flat buffers."""
+
+    layer: str
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    count: int
+    lr_mult: float
+    decay_mult: float
+    learnable: bool
+
+
+class Net:
+    """A Caffe net on one torch device.
+
+    `param` must already be filtered for a phase (see prototxt.net_for_phase). Parameters of all
+    layers live in `flat_data` (and their diffs in `flat_diff`); `params[layer][i]` are views.
+    """
+
+    def __init__(self, param: caffe_pb2.NetParameter, device: torch.device | str = "cpu", source: str = "",
+                 retain_diffs: bool = True):
+        self.param = param
+        self.name = param.name
+        self.phase = param.state.phase
+        self.device = torch.device(device)
+        self.source = source
+        self.retain_diffs = retain_diffs
+        self.layers: list[Layer] = []
+        self.layer_names: list[str] = []
+        self.blobs: dict[str, Blob] = {}
+        self.loss_weights: list[list[float]] = []
+        self._bottom_names: list[list[str]] = []
+        self._top_names: list[list[str]] = []
+        self._in_place: list[list[bool]] = []
+        self._loss_terms: list[tuple[torch.Tensor, float]] = []
+        self._build()
+
+    # --- construction ---
+    def _err(self, message: str) -> UserError:
+        return UserError(f"{self.source}: {message}" if self.source else message)
+
+    def _build(self) -> None:
+        produced: set[str] = set()
+        consumed_after: dict[str, bool] = {}
+        for lp in self.param.layer:
+            lp = _with_phase(lp, self.phase)
+            if lp.name in self.layer_names:
+                raise self._err(f"duplicate layer name '{lp.name}'")
+            layer = create_layer(lp, self.phase, self.device, self.source)
+            for i, name in enumerate(lp.bottom):
+                if name not in self.blobs:
+                    raise self._err(f"layer '{lp.name}': unknown bottom blob '{name}' (bottom index {i})")
+                consumed_after[name] = True
+            in_place = []
+            for i, name in enumerate(lp.top):
+                ip = i < len(lp.bottom) and lp.bottom[i] == name
+                if not ip and name in produced:
+                    raise self._err(f"layer '{lp.name}': top blob '{name}' produced by multiple sources")
+                in_place.append(ip)
+            if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
+                raise self._err(f"layer '{lp.name}': propagate_down must be unspecified or given once per bottom")
+            if lp.loss_weight and len(lp.loss_weight) != len(lp.top):
+                raise self._err(f"layer '{lp.name}': loss_weight must be unspecified or given once per top")
+            bottoms = [self.blobs[name].tensor for name in lp.bottom]
+            layer.setup(bottoms)
+            tops = layer.infer_tops(bottoms)
+            if len(tops) != len(lp.top):
+                raise self._err(f"layer '{lp.name}': produced {len(tops)} tops for {len(lp.top)} top names")
+            for name, t in zip(lp.top, tops):
+                blob = self.blobs.setdefault(name, Blob(device=self.device))
+                blob.tensor = t.detach()
+                produced.add(name)
+                consumed_after[name] = False
+            self.layers.append(layer)
+            self.layer_names.append(lp.name)
+            self._bottom_names.append(list(lp.bottom))
+            self._top_names.append(list(lp.top))
+            self._in_place.append(in_place)
+            self.loss_weights.append([lp.loss_weight[i] if lp.loss_weight else layer.default_loss_weight(i)
+                                      for i in range(len(lp.top))])
+        self.outputs = sorted(name for name, consumed in consumed_after.items() if not consumed)
+        self.inputs = [n for layer, tops in zip(self.layers, self._top_names)
+                       if getattr(layer, "holds_inputs", False) for n in tops]
+        self._pack_params()
+
+    def _pack_params(self) -> None:
+        """Put every owner parameter blob into one flat buffer; sharers get the owner's view."""
+        owners: dict[str, tuple[int, int]] = {}
+        infos: list[ParamInfo] = []
+        slots: list[tuple[Layer, int, int | None]] = []  # (layer, blob index, owner info index)
+        self._slot_info: dict[tuple[str, int], int] = {}  # (layer, blob index) -> info index
+        for layer in self.layers:
+            specs = layer.param.param
+            for j, t in enumerate(layer.blobs):
+                spec = specs[j] if j < len(specs) else caffe_pb2.ParamSpec()
+                pname = spec.name
+                if pname and pname in owners:
+                    owner = infos[owners[pname][0]]
+                    self._check_share(layer, j, spec, owner, t)
+                    slots.append((layer, j, owners[pname][0]))
+                    self._slot_info[(layer.name, j)] = owners[pname][0]
+                    continue
+                info = ParamInfo(layer.name, j, pname, tuple(t.shape), 0, t.numel(), spec.lr_mult,
+                                 spec.decay_mult, layer.blob_learnable[j])
+                if pname:
+                    owners[pname] = (len(infos), j)
+                self._slot_info[(layer.name, j)] = len(infos)
+                infos.append(info)
+                slots.append((layer, j, None))
+        offset = 0
+        for info in infos:
+            info.offset = offset
+            offset += info.count
+        self.param_infos = infos
+        self.flat_data = torch.zeros(offset, dtype=torch.float32, device=self.device)
+        self.flat_diff = torch.zeros(offset, dtype=torch.float32, device=self.device)
+        k = 0
+        for layer, j, owner in slots:
+            if owner is None:
+                info = infos[k]
+                k += 1
+                view = self.flat_data[info.offset:info.offset + info.count].view(info.shape)
+                view.copy_(layer.blobs[j])
+                if info.learnable:
+                    view.requires_grad_(True)
+                    view.grad = self.flat_diff[info.offset:info.offset + info.count].view(info.shape)
+                layer.blobs[j] = view
+            else:
+                owner_view = self._owner_view(infos[owner])
+                shape = layer.blobs[j].shape
+                layer.blobs[j] = owner_view if owner_view.shape == shape else owner_view.view(shape)
+        # learnable_params in Caffe's order: one per owner
+        self.learnable_params = [self._owner_view(info) for info in infos]
+
+    def _owner_view(self, info: ParamInfo) -> torch.Tensor:
+        layer = self.layers[self.layer_names.index(info.layer)]
+        return layer.blobs[info.index]
+
+    def _check_share(self, layer: Layer, j: int, spec, owner: ParamInfo, t: torch.Tensor) -> None:
+        owner_spec_mode = spec.share_mode
+        if owner_spec_mode == caffe_pb2.ParamSpec.PERMISSIVE:
+            ok = t.numel() == owner.count
+        else:
+            ok = tuple(t.shape) == owner.shape
+        if not ok:
+            raise self._err(
+                f"layer '{layer.name}': cannot share param '{spec.name}' owned by layer '{owner.layer}': "
+                f"shape {tuple(t.shape)} vs owner's {owner.shape} (share_mode "
+                f"{caffe_pb2.ParamSpec.DimCheckMode.Name(owner_spec_mode)})")
+        if spec.HasField("lr_mult") and spec.lr_mult != owner.lr_mult:
+            raise self._err(f"layer '{layer.name}': shared param '{spec.name}' has mismatched lr_mult")
+        if spec.HasField("decay_mult") and spec.decay_mult != owner.decay_mult:
+            raise self._err(f"layer '{layer.name}': shared param '{spec.name}' has mismatched decay_mult")
+
+    # --- pycaffe-style views ---
+    @property
+    def params(self) -> dict[str, list[Blob]]:
+        """Layer name -> its parameter blobs (data/diff views), for layers that have any."""
+        out: dict[str, list[Blob]] = {}
+        for layer in self.layers:
+            if layer.blobs:
+                out[layer.name] = [self._param_blob(layer, j) for j in range(len(layer.blobs))]
+        return out
+
+    def _param_blob(self, layer: Layer, j: int) -> Blob:
+        """A Blob over parameter j of `layer`: its data tensor, and its owner's slice of flat_diff."""
+        t = layer.blobs[j]
+        info = self.param_infos[self._slot_info[(layer.name, j)]]
+        return Blob.over(t, self.flat_diff[info.offset:info.offset + info.count].view(t.shape))
+
+    def layer(self, name: str) -> Layer:
+        try:
+            return self.layers[self.layer_names.index(name)]
+        except ValueError:
+            raise UserError(f"net '{self.name}' has no layer '{name}'") from None
+
+    # --- running ---
+    def forward(self, start: int = 0, end: int | None = None) -> float:
+        """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
+        end = len(self.layers) - 1 if end is None else end
+        if start == 0:
+            self._loss_terms = []
+        loss = 0.0
+        grad = torch.is_grad_enabled()
+        force = self.param.force_backward and grad
+        for i in range(start, end + 1):
+            layer = self.layers[i]
+            if getattr(layer, "holds_inputs", False):
+                tops = [self.blobs[n].tensor for n in self._top_names[i]]
+                if force:
+                    for t in tops:
+                        t.requires_grad_(True)
+            else:
+                bottoms = [self.blobs[n].tensor for n in self._bottom_names[i]]
+                pd = layer.param.propagate_down
+                if pd:
+                    bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
+                tops = layer.forward(bottoms)
+                if force and not self._bottom_names[i]:
+                    tops = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in tops]
+            for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
+                blob = self.blobs[name]
+                blob.tensor = t
+                if not ip:
+                    blob.grad_tensor = t if t.requires_grad else None
+                    if grad and self.retain_diffs and t.requires_grad and not t.is_leaf:
+                        t.retain_grad()
+                if w:
+                    self._loss_terms.append((t, w))
+                    loss += w * float(t.detach().sum())
+        return loss
+
+    def backward(self) -> None:
+        """Backpropagate the loss of the last forward, plus any diff set by hand on an output blob
+        that carries no loss weight; parameter diffs accumulate into `flat_diff` until cleared."""
+        tensors = [t for t, _ in self._loss_terms if t.requires_grad]
+        seeds = [torch.full_like(t, w) for t, w in self._loss_terms if t.requires_grad]
+        for name in self.outputs:
+            blob = self.blobs[name]
+            seeded = any(blob.tensor is t for t in tensors)
+            if not seeded and blob.tensor.requires_grad and blob._diff is not None and blob._diff.any():
+                tensors.append(blob.tensor)
+                seeds.append(blob._diff)
+        if tensors:
+            torch.autograd.backward(tensors, seeds)
+
+    def forward_backward(self) -> float:
+        """One forward and backward pass (Caffe's ForwardBackward); returns the loss."""
+        loss = self.forward()
+        self.backward()
+        return loss
+
+    def clear_param_diffs(self) -> None:
+        self.flat_diff.zero_()
+
+    def reshape(self) -> None:
+        """Recompute every blob's shape from the input blobs (pycaffe's net.reshape())."""
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "holds_inputs", False):
+                continue
+            bottoms = [self.blobs[n].tensor for n in self._bottom_names[i]]
+            for name, t in zip(self._top_names[i], layer.infer_tops(bottoms)):
+                self.blobs[name].tensor = t.detach()
+
+    # --- weights ---
+    def share_trained_layers_with(self, other: Net) -> None:
+        """Use `other`'s parameter tensors for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        for layer in self.layers:
+            if layer.name not in other.layer_names or not layer.blobs:
+                continue
+            src = other.layer(layer.name)
+            if len(src.blobs) != len(layer.blobs):
+                raise self._err(f"layer '{layer.name}': incompatible number of blobs to share "
+                                f"({len(src.blobs)} vs {len(layer.blobs)})")
+            for j, t in enumerate(src.blobs):
+                if t.shape != layer.blobs[j].shape:
+                    raise self._err(f"cannot share param {j} weights from layer '{layer.name}'; shape mismatch: "
+                                    f"source {tuple(t.shape)}, target {tuple(layer.blobs[j].shape)}")
+                layer.blobs[j] = t
+
+    def copy_from(self, weights: caffe_pb2.NetParameter, source: str = "") -> None:
+        """Copy blobs by layer name from a trained NetParameter (Caffe's CopyTrainedLayersFrom)."""
+        for src in weights.layer:
+            if src.name not in self.layer_names:
+                log.info("Ignoring source layer %s", src.name)
+                continue
+            layer = self.layer(src.name)
+            log.debug("Copying source layer %s", src.name)
+            if len(src.blobs) != len(layer.blobs):
+                raise UserError(f"{source}: incompatible number of blobs for layer '{src.name}': "
+                                f"{len(src.blobs)} in the weights, {len(layer.blobs)} in the net")
+            for j, bp in enumerate(src.blobs):
+                target = layer.blobs[j]
+                shape = blob_proto_shape(bp)
+                if not _shapes_match(shape, bp, tuple(target.shape)):
+                    raise UserError(
+                        f"{source}: cannot copy param {j} weights from layer '{src.name}'; shape mismatch. "
+                        f"Source param shape is {' '.join(map(str, shape))} ({int(np.prod(shape))}); target "
+                        f"param shape is {' '.join(map(str, target.shape))} ({target.numel()}). To learn "
+                        "this layer's parameters from scratch rather than copying from a saved net, rename the layer.")
+                with torch.no_grad():
+                    target.copy_(blob_proto_to_tensor(bp).view(target.shape))
+
+    def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
+        """The net with its weights, as Caffe's Net::ToProto writes a .caffemodel."""
+        out = caffe_pb2.NetParameter(name=self.name)
+        for layer in self.layers:
+            lp = out.layer.add()
+            lp.CopyFrom(layer.param)
+            del lp.blobs[:]
+            for t in layer.blobs:
+                tensor_to_blob_proto(t, lp.blobs.add(), t.grad if write_diff else None)
+        return out
+
+
+def _with_phase(lp: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:
+    # Caffe's Net::Init: a layer inherits the net's phase unless it sets its own
+    if lp.HasField("phase"):
+        return lp
+    copy = caffe_pb2.LayerParameter()
+    copy.CopyFrom(lp)
+    copy.phase = phase
+    return copy
+
+
+def _has_legacy_dims(bp: caffe_pb2.BlobProto) -> bool:
+    return any(bp.HasField(f) for f in ("num", "channels", "height", "width"))
+
+
+def blob_proto_shape(bp: caffe_pb2.BlobProto) -> tuple[int, ...]:
+    """A BlobProto's shape as Caffe's Blob::FromProto reads it: legacy num/channels/height/width
+    win whenever any is set, else `shape.dim`."""
+    if _has_legacy_dims(bp):
+        return (bp.num, bp.channels, bp.height, bp.width)
+    return tuple(bp.shape.dim)
+
+
+def _shapes_match(shape: tuple[int, ...], bp: caffe_pb2.BlobProto, target: tuple[int, ...]) -> bool:
+    if _has_legacy_dims(bp):
+        # Caffe's Blob::ShapeEquals: legacy dims match the target padded with leading 1s
+        return len(target) <= 4 and (1,) * (4 - len(target)) + target == shape
+    return shape == target
+
+
+def blob_proto_to_tensor(bp: caffe_pb2.BlobProto) -> torch.Tensor:
+    """The data of a BlobProto (float `data` or `double_data`) as a float32 tensor of its shape."""
+    if len(bp.double_data):
+        arr = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
+    else:
+        arr = np.asarray(bp.data, dtype=np.float32)
+    shape = blob_proto_shape(bp)
+    if arr.size != int(np.prod(shape)):
+        raise UserError(f"a blob holds {arr.size} values but its shape {shape} needs {int(np.prod(shape))}")
+    return torch.from_numpy(arr.reshape(shape))
+
+
+def tensor_to_blob_proto(t: torch.Tensor, bp: caffe_pb2.BlobProto, diff: torch.Tensor | None = None) -> None:
+    """Fill `bp` as Caffe's Blob::ToProto does: shape dims, float data (and diff if given)."""
+    bp.Clear()
+    bp.shape.dim.extend(t.shape)
+    bp.data.extend(t.detach().cpu().reshape(-1).numpy().astype(np.float32))
+    if diff is not None:
+        bp.diff.extend(diff.detach().cpu().reshape(-1).numpy().astype(np.float32))
