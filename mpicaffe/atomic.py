@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, and
-    fsync the folder so the rename itself survives a crash. Permissions follow the umask."""
+def write_file_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, fsync it, rename it over `path`,
+    and fsync the folder so the rename itself survives a crash. Permissions follow the umask.
+    For writers that need a file name (h5py); bytes go through write_bytes_atomic."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -16,9 +18,9 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -30,3 +32,13 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (see write_file_atomic)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_file_atomic(path, write)

@@ -173,3 +173,23 @@ def test_blobproto_legacy_dims_win_over_shape_like_caffe():
     assert mean_file.blobproto_to_array(blob).shape == (1, 2, 1, 2)
     nd = mean_file.array_to_blobproto(np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_array_equal(mean_file.blobproto_to_array(nd), np.arange(6).reshape(2, 3))
+
+
+def test_encoded_png_with_alpha_decodes_to_three_bgr_channels():
+    # Caffe decodes with cv::IMREAD_ANYCOLOR (or IMREAD_COLOR): the alpha channel is dropped
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 0], rgba[..., 2], rgba[..., 3] = 10, 200, 128
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    array, label = lmdb_io.decode_datum(lmdb_io.encoded_datum(buf.getvalue(), 4))
+    assert array.shape == (3, 2, 3) and label == 4
+    assert (array[0] == 200).all() and (array[2] == 10).all()
+
+
+def test_two_readers_of_one_database_share_it(tmp_path):
+    db = str(tmp_path / "db")
+    lmdb_io.write_datums(db, [(lmdb_io.datum_key(i), lmdb_io.array_to_datum(np.zeros((1, 2, 2), np.uint8), i))
+                              for i in range(3)])
+    with lmdb_io.shared_env(db):
+        assert lmdb_io.count(db) == 3
+        assert [d.label for _, d in lmdb_io.iter_datums(db)] == [0, 1, 2]

@@ -23,7 +23,6 @@ ENCODE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 JPEG_QUALITY = 95
 
 _GRAY_MODES = ("L", "1", "I", "I;16", "F", "LA", "La")
-_ALPHA_MODES = ("RGBA", "PA", "RGBa")
 
 
 def image_to_array(image: Image.Image, color: bool | None = None) -> np.ndarray:
@@ -31,16 +30,11 @@ def image_to_array(image: Image.Image, color: bool | None = None) -> np.ndarray:
 
     color=True gives 3 channels BGR (cv::IMREAD_COLOR), color=False 1 channel (IMREAD_GRAYSCALE,
     same luma weights 0.299/0.587/0.114), color=None keeps what the file holds, as Caffe's
-    DecodeDatumNative does: gray stays 1 channel, an alpha channel gives BGRA.
+    DecodeDatumNative does (cv::IMREAD_ANYCOLOR): gray stays 1 channel, anything else, an image
+    with an alpha channel included, becomes 3 channels BGR.
     """
     if color is None:
-        if image.mode in _GRAY_MODES:
-            color = False
-        elif image.mode in _ALPHA_MODES:
-            rgba = np.asarray(image.convert("RGBA"))
-            return np.ascontiguousarray(rgba[:, :, [2, 1, 0, 3]].transpose(2, 0, 1))
-        else:
-            color = True
+        color = image.mode not in _GRAY_MODES
     if not color:
         return np.asarray(image.convert("L"))[np.newaxis].copy()
     rgb = np.asarray(image.convert("RGB"))

@@ -7,8 +7,10 @@ follows Caffe's tools: keys from `datum_key`, one transaction per 1000 records.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Callable, Union
 
@@ -158,24 +160,53 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _open_for_reading(db_path: str) -> lmdb.Environment:
-    db_path = os.fspath(db_path)
+def _open_for_reading(db_path: str, error: Callable[[str], Exception]) -> lmdb.Environment:
     if not os.path.isdir(db_path):
         what = "is not a directory" if os.path.exists(db_path) else "does not exist"
-        raise UserError(f"{db_path}: {what}; expected an LMDB database directory")
+        raise error(f"{db_path}: {what}; expected an LMDB database directory")
     if not os.path.exists(os.path.join(db_path, "data.mdb")):
-        raise UserError(f"{db_path}: no data.mdb inside; not an LMDB database")
+        raise error(f"{db_path}: no data.mdb inside; not an LMDB database")
     # Like Caffe's reader (MDB_RDONLY | MDB_NOTLS); without the lock file so read-only media work.
-    return lmdb.open(db_path, readonly=True, lock=False, subdir=True, max_readers=126)
+    try:
+        return lmdb.open(db_path, readonly=True, lock=False, subdir=True, max_readers=126)
+    except lmdb.Error as e:
+        raise error(f"{db_path}: cannot open the LMDB database: {e}") from None
+
+
+# py-lmdb refuses to open one environment twice in a process, so every reader of a database
+# (train and test nets, converters, tests) shares one; read transactions are not bound to
+# threads (py-lmdb opens with MDB_NOTLS).
+_envs: dict[str, list] = {}
+_envs_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared_env(db_path: str, error: Callable[[str], Exception] = UserError) -> Iterator[lmdb.Environment]:
+    """The process-wide read-only Environment of the LMDB at `db_path`, closed after its last user.
+
+    `error(message)` builds the exception raised when the path is not a readable LMDB.
+    """
+    db_path = os.fspath(db_path)
+    key = os.path.realpath(db_path)
+    with _envs_lock:
+        entry = _envs.get(key)
+        if entry is None:
+            entry = _envs[key] = [_open_for_reading(db_path, error), 0]
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _envs_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _envs[key]
+                entry[0].close()
 
 
 def count(db_path: str) -> int:
     """Number of records in an LMDB, from its statistics (no scan)."""
-    env = _open_for_reading(db_path)
-    try:
+    with shared_env(db_path) as env:
         return env.stat()["entries"]
-    finally:
-        env.close()
 
 
 def iter_values(db_path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[bytes, bytes]]:
@@ -183,23 +214,19 @@ def iter_values(db_path: str, start: int = 0, stop: int | None = None) -> Iterat
 
     Skipped records are stepped over without copying their values.
     """
-    env = _open_for_reading(db_path)
-    try:
-        with env.begin(buffers=False) as txn:
-            cursor = txn.cursor()
-            if not cursor.first():
+    with shared_env(db_path) as env, env.begin(buffers=False) as txn:
+        cursor = txn.cursor()
+        if not cursor.first():
+            return
+        for _ in range(start):
+            if not cursor.next():
                 return
-            for _ in range(start):
-                if not cursor.next():
-                    return
-            index = start
-            while stop is None or index < stop:
-                yield cursor.key(), cursor.value()
-                index += 1
-                if not cursor.next():
-                    return
-    finally:
-        env.close()
+        index = start
+        while stop is None or index < stop:
+            yield cursor.key(), cursor.value()
+            index += 1
+            if not cursor.next():
+                return
 
 
 def iter_datums(db_path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[bytes, caffe_pb2.Datum]]:

@@ -38,12 +38,11 @@ class Blob:
         return self.tensor.numel()
 
     def _legacy(self, axis: int) -> int:
-        # Caffe's num/channels/height/width: missing leading axes count as 1
+        # Caffe's LegacyShape: at most 4 axes; an axis past the last counts as 1
         shape = self.shape
         if len(shape) > 4:
             raise ValueError("num/channels/height/width are for blobs of at most 4 axes")
-        padded = (1,) * (4 - len(shape)) + shape if len(shape) < 4 else shape
-        return padded[axis] if shape else 1
+        return shape[axis] if axis < len(shape) else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))

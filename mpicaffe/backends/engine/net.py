@@ -148,7 +148,8 @@ class Net:
                 k += 1
                 view = self.flat_data[info.offset:info.offset + info.count].view(info.shape)
                 view.copy_(layer.blobs[j])
-                if info.learnable:
+                # Caffe computes no param diff where lr_mult is 0 (param_propagate_down false)
+                if info.learnable and info.lr_mult != 0:
                     view.requires_grad_(True)
                     view.grad = self.flat_diff[info.offset:info.offset + info.count].view(info.shape)
                 layer.blobs[j] = view
@@ -188,6 +189,11 @@ class Net:
             if layer.blobs:
                 out[layer.name] = [self._param_blob(layer, j) for j in range(len(layer.blobs))]
         return out
+
+    def blob_owner(self, layer_name: str, j: int) -> tuple[ParamInfo, bool]:
+        """The ParamInfo holding parameter j of a layer, and whether that layer owns it (not shared)."""
+        info = self.param_infos[self._slot_info[(layer_name, j)]]
+        return info, (info.layer, info.index) == (layer_name, j)
 
     def _param_blob(self, layer: Layer, j: int) -> Blob:
         """A Blob over parameter j of `layer`: its data tensor, and its owner's slice of flat_diff."""
@@ -315,8 +321,9 @@ class Net:
             lp = out.layer.add()
             lp.CopyFrom(layer.param)
             del lp.blobs[:]
-            for t in layer.blobs:
-                tensor_to_blob_proto(t, lp.blobs.add(), t.grad if write_diff else None)
+            for j, t in enumerate(layer.blobs):
+                diff = self._param_blob(layer, j).diff_tensor if write_diff else None
+                tensor_to_blob_proto(t, lp.blobs.add(), diff)
         return out
 
 
