@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import traceback
 
 from mpicaffe import __version__
+from mpicaffe.comm import RankError
 from mpicaffe.errors import UserError
 from mpicaffe.logs import setup_logging
 
@@ -46,6 +48,56 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert.run(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mpicaffe import trainer
+    from mpicaffe.comm import create_communicator
+
+    comm = create_communicator()
+    # rank 0 alone logs progress; the others report warnings and errors
+    setup_logging(args.verbose, quiet=comm.rank != 0)
+    cfg = trainer.TrainConfig(
+        solver=args.solver, weights=args.weights, snapshot=args.snapshot, gpu=args.gpu, level=args.level,
+        stages=args.stage, global_batch=args.global_batch, scale_lr=args.scale_lr, overlap=not args.no_overlap,
+        bucket_mb=args.bucket_mb, check_every=args.check_every, metrics=args.metrics, timeline=args.timeline,
+        timeline_iters=args.timeline_iters)
+    try:
+        trainer.train(cfg, comm)
+    except RankError:
+        raise
+    except BaseException as e:
+        if comm.size > 1:
+            # the other ranks may be waiting in a collective: stop them all (ChainerMN's hook)
+            print(f"mpicaffe train: rank {comm.rank}: error: {e}", file=sys.stderr)
+            if not isinstance(e, UserError | KeyboardInterrupt):
+                traceback.print_exc()
+            comm.abort(1)
+        raise
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from mpicaffe import score
+    from mpicaffe.devices import select_device
+
+    score.score(args.model, args.weights, args.iterations, device=select_device(args.gpu),
+                level=args.level, stages=args.stage)
+    return 0
+
+
+def _cmd_time(args: argparse.Namespace) -> int:
+    from mpicaffe import timing
+    from mpicaffe.devices import select_device
+
+    timing.time_net(args.model, args.iterations, phase=args.phase, device=select_device(args.gpu),
+                    weights=args.weights, level=args.level, stages=args.stage)
+    return 0
+
+
+def _add_state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--level", type=int, default=0, help="NetState level (default 0)")
+    p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpicaffe",
@@ -56,11 +108,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    p = sub.add_parser("train", help="train a model from a solver prototxt (caffe train)")
+    p.add_argument("--solver", required=True, help="solver prototxt")
+    p.add_argument("--weights", help="finetune from these .caffemodel(.h5) weights (comma-separated list)")
+    p.add_argument("--snapshot", help="resume from this .solverstate(.h5)")
+    p.add_argument("--gpu", help="GPU id to use (default: the CPU, or the solver's solver_mode/device_id)")
+    p.add_argument("--global-batch", type=int, metavar="G",
+                   help="keep the global batch at G, split across the ranks (default: every rank keeps the "
+                        "prototxt's batch, so the global batch is ranks x batch)")
+    p.add_argument("--scale-lr", action="store_true",
+                   help="linear scaling rule: multiply base_lr by global batch / prototxt batch")
+    p.add_argument("--metrics", metavar="FILE",
+                   help="write JSON-lines metrics per iteration ({rank} in FILE, or FILE.rank<N> for ranks > 0)")
+    p.add_argument("--timeline", metavar="FILE", help="write a Chrome-trace JSON of each rank's phases")
+    p.add_argument("--timeline-iters", type=int, default=10, metavar="K",
+                   help="trace the first and last K iterations (default 10)")
+    p.add_argument("--check-every", type=int, default=100, metavar="N",
+                   help="compare a checksum of the weights across ranks every N iterations (0: only at the end)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="average gradients in one allreduce after backward instead of buckets during it")
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default 1)")
+    _add_state(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("test", help="score a model in the TEST phase (caffe test)")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--weights", help="trained .caffemodel(.h5)")
+    p.add_argument("--iterations", type=int, default=50, help="number of batches (default 50)")
+    p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
+    _add_state(p)
+    p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("time", help="time a net's forward and backward passes per layer (caffe time)")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--weights", help="optional .caffemodel(.h5)")
+    p.add_argument("--iterations", type=int, default=50, help="number of iterations (default 50)")
+    p.add_argument("--phase", default="TRAIN", help="TRAIN or TEST (default TRAIN)")
+    p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
+    _add_state(p)
+    p.set_defaults(func=_cmd_time)
+
     p = sub.add_parser("info", help="print a net's layers as Caffe builds them for a phase")
     p.add_argument("net", help="net prototxt (text) or .caffemodel (binary)")
     p.add_argument("--phase", default="TRAIN", help="TRAIN or TEST (default TRAIN)")
-    p.add_argument("--level", type=int, default=0, help="NetState level (default 0)")
-    p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
+    _add_state(p)
     p.set_defaults(func=_cmd_info)
 
     from mpicaffe.data import convert
@@ -78,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
+    except RankError as e:
+        # raised alike on every rank: one message is enough
+        if e.rank == 0:
+            print(f"mpicaffe {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"mpicaffe {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -28,11 +28,12 @@ class GlogFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
-def setup_logging(verbose: bool = False, stream=None) -> None:
-    """Send the package's log records to stderr (as glog does) in glog's format."""
+def setup_logging(verbose: bool = False, stream=None, quiet: bool = False) -> None:
+    """Send the package's log records to stderr (as glog does) in glog's format; `quiet` keeps
+    only warnings and errors (ranks other than 0)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(GlogFormatter())
     root = logging.getLogger("mpicaffe")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.propagate = False

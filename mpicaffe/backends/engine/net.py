@@ -9,6 +9,7 @@ them), sharing trained layers with a test net, and copying weights by layer name
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,9 @@ class Net:
         self._top_names: list[list[str]] = []
         self._in_place: list[list[bool]] = []
         self._loss_terms: list[tuple[torch.Tensor, float]] = []
+        # seconds spent, accumulated until the caller resets them: data layers (waiting for
+        # batches), whole forward passes and backward passes of forward_backward
+        self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
         self._build()
 
     # --- construction ---
@@ -223,14 +227,18 @@ class Net:
                 if force:
                     for t in tops:
                         t.requires_grad_(True)
+            elif not self._bottom_names[i]:
+                start_data = time.perf_counter()
+                tops = layer.forward([])
+                self.timings["data"] += time.perf_counter() - start_data
+                if force:
+                    tops = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in tops]
             else:
                 bottoms = [self.blobs[n].tensor for n in self._bottom_names[i]]
                 pd = layer.param.propagate_down
                 if pd:
                     bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
                 tops = layer.forward(bottoms)
-                if force and not self._bottom_names[i]:
-                    tops = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in tops]
             for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
                 blob = self.blobs[name]
                 blob.tensor = t
@@ -259,9 +267,19 @@ class Net:
 
     def forward_backward(self) -> float:
         """One forward and backward pass (Caffe's ForwardBackward); returns the loss."""
+        start = time.perf_counter()
         loss = self.forward()
+        mid = time.perf_counter()
         self.backward()
+        self.timings["forward"] += mid - start
+        self.timings["backward"] += time.perf_counter() - mid
         return loss
+
+    def close(self) -> None:
+        """Stop the layers' background work (data prefetch threads, open output files)."""
+        for layer in self.layers:
+            if hasattr(layer, "close"):
+                layer.close()
 
     def clear_param_diffs(self) -> None:
         self.flat_diff.zero_()

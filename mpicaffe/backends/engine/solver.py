@@ -38,7 +38,7 @@ class SolverAction(enum.IntEnum):
     SNAPSHOT = 2
 
 
-def _g(x) -> str:
+def format_float(x) -> str:
     """A number as C++'s default ostream prints it (6 significant digits)."""
     return f"{float(x):.6g}"
 
@@ -51,8 +51,8 @@ def output_lines(kind: str, names: list[str], values, loss_weights: list[float])
     lines = []
     for i, (name, v, w) in enumerate(zip(names, values, loss_weights)):
         v = _f32(v)
-        extra = f" (* {_g(w)} = {_g(_f32(w) * v)} loss)" if w else ""
-        lines.append(f"    {kind} net output #{i}: {name} = {_g(v)}{extra}")
+        extra = f" (* {format_float(w)} = {format_float(_f32(w) * v)} loss)" if w else ""
+        lines.append(f"    {kind} net output #{i}: {name} = {format_float(v)}{extra}")
     return lines
 
 
@@ -237,8 +237,8 @@ class Solver:
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (self.iter - self._iterations_last) / (lapse or 1)
-                log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, _g(per_s), _g(lapse),
-                         p.display, _g(self._smoothed))
+                log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, format_float(per_s), format_float(lapse),
+                         p.display, format_float(self._smoothed))
                 timer = time.perf_counter()
                 self._iterations_last = self.iter
                 for line in output_lines("Train", *net_output_values(self.net)):
@@ -286,7 +286,7 @@ class Solver:
             with torch.no_grad():
                 loss = _f32(self.net.forward())
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            log.info("Iteration %d, loss = %s", self.iter, _g(self._smoothed))
+            log.info("Iteration %d, loss = %s", self.iter, format_float(self._smoothed))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         log.info("Optimization Done.")
@@ -338,7 +338,7 @@ class Solver:
             log.info("Test interrupted.")
             return []
         if self.param.test_compute_loss:
-            log.info("Test loss: %s", _g(loss / _f32(iters)))
+            log.info("Test loss: %s", format_float(loss / _f32(iters)))
         means = (sums / _f32(iters)).astype(np.float32)
         for line in output_lines("Test", names, means, weights):
             log.info("%s", line)
@@ -352,7 +352,7 @@ class Solver:
         p = self.param
         rate, self.current_step = learning_rate(p, self.iter, self.current_step)
         if p.display and self.iter % p.display == 0:
-            log.info("Iteration %d, lr = %s", self.iter, _g(rate))
+            log.info("Iteration %d, lr = %s", self.iter, format_float(rate))
         net = self.net
         with torch.no_grad():
             g = net.flat_diff
@@ -377,7 +377,7 @@ class Solver:
         if l2norm > clip:
             scale = _f32(clip / l2norm)
             log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
-                     _g(l2norm), _g(clip), _g(scale))
+                     format_float(l2norm), format_float(clip), format_float(scale))
             g.mul_(float(scale))
 
     def _regularize(self, g: torch.Tensor, w: torch.Tensor) -> None:

@@ -1,0 +1,536 @@
+"""Vision layers: Convolution, Deconvolution, InnerProduct, Pooling, SPP and Im2col.
+
+Shapes follow Caffe's rules exactly (C++ integer division in the convolution rule, rounding up
+and clipping in the pooling rule). torch's convolution and pooling kernels compute the common
+cases; where their window rules differ from Caffe's (pooling pad above half the kernel, Caffe's
+empty trailing pooling window, a convolution window that sticks out past the padded input) the
+input is padded explicitly so that torch sees exactly Caffe's windows. Autograd gives the
+backward everywhere: torch's max pooling routes the gradient to the first maximum of a window,
+as Caffe's strict `>` scan does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mpicaffe.backends.engine.layers import register
+from mpicaffe.backends.engine.layers.base import Layer, check_axis
+from mpicaffe.proto import caffe_pb2
+
+FLT_MAX = torch.finfo(torch.float32).max
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+PoolMethod = caffe_pb2.PoolingParameter
+
+
+# --- shape rules (pure functions) ---
+def _c_div(a: int, b: int) -> int:
+    """C++ integer division (truncates toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def conv_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -> int:
+    """Caffe's convolution (and im2col) output size, with C++ truncating division."""
+    extent = dilation * (kernel - 1) + 1
+    return _c_div(size + 2 * pad - extent, stride) + 1
+
+
+def deconv_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -> int:
+    """Caffe's deconvolution output size."""
+    return stride * (size - 1) + dilation * (kernel - 1) + 1 - 2 * pad
+
+
+def pooled_size(size: int, kernel: int, pad: int, stride: int, ceil: bool = True, padded: bool = False) -> int:
+    """Caffe's pooling output size; `padded`: whether the layer has any padding (pad_h or pad_w).
+
+    With padding, a last window that would start in the padding (at or past size + pad) is
+    dropped; without padding Caffe keeps it, even when it starts past the input (an empty window).
+    """
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if padded and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _torch_pooled_size(size: int, kernel: int, pad: int, stride: int, ceil: bool) -> int:
+    # torch's rule: like Caffe's, but the last-window check applies with or without padding
+    out = (size + 2 * pad - kernel + (stride - 1 if ceil else 0)) // stride + 1
+    if ceil and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+# --- im2col in any number of spatial axes ---
+def _im2col(x: torch.Tensor, kernel, stride, pad, dilation, out, value: float = 0) -> torch.Tensor:
+    """Caffe's column layout: (B, C, *spatial) -> (B, C * prod(kernel), prod(out)).
+
+    Positions outside the input read `value`. The input is padded (or cropped) on the far side so
+    that exactly `out` windows fit, which also covers Caffe's truncated-division windows that reach
+    past the padded input.
+    """
+    n = len(kernel)
+    b, c = x.shape[:2]
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    pads: list[int] = []
+    for i in reversed(range(n)):
+        pads += [pad[i], (out[i] - 1) * stride[i] + extents[i] - x.shape[2 + i] - pad[i]]
+    if any(pads):
+        x = F.pad(x, pads, value=value)
+    for i in range(n):
+        # each unfold appends one window axis at the end
+        x = x.unfold(2 + i, extents[i], stride[i])
+        if dilation[i] != 1:
+            x = x[..., ::dilation[i]]
+    perm = [0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n)]
+    return x.permute(perm).reshape(b, c * math.prod(kernel), math.prod(out))
+
+
+def _col2im_index(in_shape, kernel, stride, pad, dilation, out, device) -> torch.Tensor:
+    """For each (kernel offset, column) of _im2col on an `in_shape` image: the flat image index it
+    reads, or prod(in_shape) where it reads padding."""
+    total = math.prod(in_shape)
+    pos = torch.arange(total, dtype=torch.int64, device=device).reshape(1, 1, *in_shape)
+    idx = _im2col(pos, kernel, stride, pad, dilation, out, value=-1)[0]
+    return torch.where(idx < 0, torch.full_like(idx, total), idx)
+
+
+# --- convolution ---
+def _spatial_values(layer: Layer, p, name: str, repeated: str, n_sp: int, default: int | None) -> list[int]:
+    """One value per spatial axis from `repeated` (once, or once per axis) or from name_h/name_w."""
+    values = list(getattr(p, repeated))
+    h, w = f"{name}_h", f"{name}_w"
+    if p.HasField(h) or p.HasField(w):
+        if n_sp != 2:
+            raise layer.error(f"{h} and {w} can only be used for 2-D convolution ({n_sp} spatial axes here)")
+        if values:
+            raise layer.error(f"give either {repeated} or {h}/{w}, not both")
+        return [getattr(p, h), getattr(p, w)]
+    allowed = {1, n_sp} if default is None else {0, 1, n_sp}
+    if len(values) not in allowed:
+        raise layer.error(f"{repeated} must be given once or once per spatial axis "
+                          f"(given {len(values)} times; {n_sp} spatial axes)")
+    return [default if not values else values[0 if len(values) == 1 else i] for i in range(n_sp)]
+
+
+def _conv_geometry(layer: Layer, p: caffe_pb2.ConvolutionParameter, n_sp: int):
+    """Caffe's kernel/stride/pad/dilation per spatial axis, with its checks."""
+    kernel = _spatial_values(layer, p, "kernel", "kernel_size", n_sp, None)
+    if any(k <= 0 for k in kernel):
+        raise layer.error(f"kernel dimensions must be nonzero, got {kernel}")
+    stride = _spatial_values(layer, p, "stride", "stride", n_sp, 1)
+    if any(s <= 0 for s in stride):
+        raise layer.error(f"stride dimensions must be nonzero, got {stride}")
+    pad = _spatial_values(layer, p, "pad", "pad", n_sp, 0)
+    dilation = list(p.dilation)
+    if len(dilation) not in (0, 1, n_sp):
+        raise layer.error(f"dilation must be given once or once per spatial axis "
+                          f"(given {len(dilation)} times; {n_sp} spatial axes)")
+    dilation = [1 if not dilation else dilation[0 if len(dilation) == 1 else i] for i in range(n_sp)]
+    if any(d <= 0 for d in dilation):
+        raise layer.error(f"dilation must be positive, got {dilation}")
+    return kernel, stride, pad, dilation
+
+
+class _ConvolutionBase(Layer):
+    """Caffe's BaseConvolutionLayer: each bottom gives one top, all with the same filters."""
+
+    min_bottoms = 1
+    min_tops = 1
+    reverse = False  # Deconvolution: the roles of input and output channels swap
+
+    def setup(self, bottoms):
+        if len(self.param.bottom) != len(self.param.top):
+            raise self.error(f"needs as many tops as bottoms, got {len(self.param.bottom)} bottom(s) "
+                             f"and {len(self.param.top)} top(s)")
+        p = self.param.convolution_param
+        x = bottoms[0]
+        self.channel_axis = check_axis(self, p.axis, x.dim())
+        self.n_sp = x.dim() - self.channel_axis - 1
+        self.kernel, self.stride, self.pad, self.dilation = _conv_geometry(self, p, self.n_sp)
+        self.channels = x.shape[self.channel_axis]
+        if p.num_output <= 0:
+            raise self.error("num_output must be positive")
+        if p.group <= 0:
+            raise self.error("group must be positive")
+        if self.channels % p.group:
+            raise self.error(f"the bottom's {self.channels} channels are not divisible by group {p.group}")
+        if p.num_output % p.group:
+            raise self.error(f"num_output {p.num_output} is not a multiple of group {p.group}")
+        out_c, in_c = (self.channels, p.num_output) if self.reverse else (p.num_output, self.channels)
+        self.add_blob((out_c, in_c // p.group, *self.kernel), p.weight_filler)
+        if p.bias_term:
+            self.add_blob((p.num_output,), p.bias_filler)
+        for b in bottoms:
+            self.output_shape(b)
+
+    def output_shape(self, x: torch.Tensor) -> list[int]:
+        """Spatial output shape for bottom `x`, with Caffe's checks."""
+        if x.dim() != self.channel_axis + 1 + self.n_sp:
+            raise self.error(f"the bottom's number of axes may not change (now shape {tuple(x.shape)})")
+        if x.shape[self.channel_axis] != self.channels:
+            raise self.error(f"input size incompatible with the convolution kernel: {self.channels} "
+                             f"channels expected, bottom shape {tuple(x.shape)}")
+        size = deconv_output_size if self.reverse else conv_output_size
+        sizes = x.shape[self.channel_axis + 1:]
+        out = [size(*a) for a in zip(sizes, self.kernel, self.pad, self.stride, self.dilation)]
+        if any(o <= 0 for o in out):
+            raise self.error(f"output would be empty: bottom spatial shape {tuple(sizes)}, kernel "
+                             f"{self.kernel}, pad {self.pad}, stride {self.stride}, dilation {self.dilation}")
+        return out
+
+    def forward(self, bottoms):
+        if any(b.shape != bottoms[0].shape for b in bottoms):
+            raise self.error("all bottoms must have the same shape")
+        return [self.apply(b) for b in bottoms]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.output_shape(x)
+        p = self.param.convolution_param
+        lead = x.shape[:self.channel_axis]
+        x2 = x.reshape(-1, self.channels, *x.shape[self.channel_axis + 1:])
+        weight = self.blobs[0].to(x.dtype)
+        bias = self.blobs[1].to(x.dtype) if p.bias_term else None
+        y = self.compute(x2, weight, bias, out, p.group)
+        return y.reshape(*lead, p.num_output, *out)
+
+    def compute(self, x, weight, bias, out, group):
+        raise NotImplementedError
+
+
+@register
+class Convolution(_ConvolutionBase):
+    """Caffe's Convolution layer (1 to N spatial axes, groups, dilation)."""
+
+    type = "Convolution"
+
+    def compute(self, x, weight, bias, out, group):
+        sizes = x.shape[2:]
+        if self.n_sp in _CONV:
+            pad = list(self.pad)
+            # C++ truncation can give a last window that reaches past the padded input: Caffe's
+            # im2col reads zeros there, so pad the far side explicitly
+            far = [(o - 1) * s + d * (k - 1) + 1 - n - p
+                   for o, s, d, k, n, p in zip(out, self.stride, self.dilation, self.kernel, sizes, pad)]
+            if any(f > p for f, p in zip(far, pad)):
+                x = F.pad(x, [v for i in reversed(range(self.n_sp)) for v in (pad[i], max(far[i], 0))])
+                pad = [0] * self.n_sp
+            return _CONV[self.n_sp](x, weight, bias, self.stride, pad, self.dilation, group)
+        # other spatial ranks: Caffe's im2col followed by one matrix product per group
+        b = x.shape[0]
+        cols = _im2col(x, self.kernel, self.stride, self.pad, self.dilation, out)
+        cols = cols.reshape(b, group, -1, cols.shape[-1])
+        w = weight.reshape(group, weight.shape[0] // group, -1)
+        y = torch.einsum("gok,bgkl->bgol", w, cols).reshape(b, weight.shape[0], *out)
+        if bias is not None:
+            y = y + bias.reshape(1, -1, *[1] * self.n_sp)
+        return y
+
+
+@register
+class Deconvolution(_ConvolutionBase):
+    """Caffe's Deconvolution layer: the transpose of Convolution, weights (C_in, num_output/group, *kernel)."""
+
+    type = "Deconvolution"
+    reverse = True
+
+    def compute(self, x, weight, bias, out, group):
+        if self.n_sp in _DECONV:
+            return _DECONV[self.n_sp](x, weight, bias, self.stride, self.pad, 0, group, self.dilation)
+        # other spatial ranks: one matrix product per group, then Caffe's col2im (a scatter-add)
+        b, c = x.shape[:2]
+        num_output = weight.shape[1] * group
+        k = math.prod(self.kernel)
+        w = weight.reshape(group, c // group, -1)
+        xs = x.reshape(b, group, c // group, -1)
+        cols = torch.einsum("gck,bgcl->bgkl", w, xs).reshape(b, num_output, k * xs.shape[-1])
+        index = _col2im_index(out, self.kernel, self.stride, self.pad, self.dilation,
+                              list(x.shape[2:]), x.device).reshape(-1)
+        y = x.new_zeros(b, num_output, math.prod(out) + 1).index_add(2, index, cols)
+        y = y[..., :-1].reshape(b, num_output, *out)
+        if bias is not None:
+            y = y + bias.reshape(1, -1, *[1] * self.n_sp)
+        return y
+
+
+@register
+class Im2col(Layer):
+    """Caffe's Im2col layer: each image becomes its convolution column matrix."""
+
+    type = "Im2col"
+    min_bottoms = max_bottoms = 1
+    min_tops = max_tops = 1
+
+    def setup(self, bottoms):
+        p = self.param.convolution_param
+        x = bottoms[0]
+        self.channel_axis = check_axis(self, p.axis, x.dim())
+        self.n_sp = x.dim() - self.channel_axis - 1
+        if self.n_sp < 1:
+            raise self.error(f"needs at least one spatial axis after the channel axis, bottom shape "
+                             f"{tuple(x.shape)}")
+        self.kernel, self.stride, self.pad, self.dilation = _conv_geometry(self, p, self.n_sp)
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        ax = self.channel_axis
+        if x.dim() != ax + 1 + self.n_sp:
+            raise self.error(f"the bottom's number of axes may not change (now shape {tuple(x.shape)})")
+        sizes = list(x.shape[ax + 1:])
+        out = [conv_output_size(*a) for a in zip(sizes, self.kernel, self.pad, self.stride, self.dilation)]
+        if any(o <= 0 for o in out):
+            raise self.error(f"output would be empty: bottom spatial shape {tuple(sizes)}")
+        c = x.shape[ax]
+        x2 = x.reshape(-1, c, *sizes)
+        fits = all(conv_output_size(n, k, p, s, d) == (n + 2 * p - d * (k - 1) - 1) // s + 1
+                   for n, k, p, s, d in zip(sizes, self.kernel, self.pad, self.stride, self.dilation))
+        if self.n_sp == 2 and fits:
+            cols = F.unfold(x2, self.kernel, self.dilation, self.pad, self.stride)
+        else:
+            cols = _im2col(x2, self.kernel, self.stride, self.pad, self.dilation, out)
+        return [cols.reshape(*x.shape[:ax], c * math.prod(self.kernel), *out)]
+
+
+# --- inner product ---
+@register
+class InnerProduct(Layer):
+    """Caffe's InnerProduct layer: axes from `axis` on are flattened; weights (N, K), or (K, N) if transpose."""
+
+    type = "InnerProduct"
+    min_bottoms = max_bottoms = 1
+    min_tops = max_tops = 1
+
+    def setup(self, bottoms):
+        p = self.param.inner_product_param
+        x = bottoms[0]
+        axis = check_axis(self, p.axis, x.dim())
+        if p.num_output <= 0:
+            raise self.error("num_output must be positive")
+        self.k = math.prod(x.shape[axis:])
+        self.add_blob((self.k, p.num_output) if p.transpose else (p.num_output, self.k), p.weight_filler)
+        if p.bias_term:
+            self.add_blob((p.num_output,), p.bias_filler)
+
+    def forward(self, bottoms):
+        p = self.param.inner_product_param
+        x = bottoms[0]
+        axis = check_axis(self, p.axis, x.dim())
+        if math.prod(x.shape[axis:]) != self.k:
+            raise self.error(f"input size incompatible with inner product parameters: {self.k} inputs "
+                             f"expected from axis {axis} on, bottom shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.k)
+        weight = self.blobs[0].to(x.dtype)
+        bias = self.blobs[1].to(x.dtype) if p.bias_term else None
+        if p.transpose:
+            y = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+        else:
+            y = F.linear(x2, weight, bias)
+        return [y.reshape(*x.shape[:axis], p.num_output)]
+
+
+# --- pooling ---
+def _pool_max_ave(x: torch.Tensor, method: int, kernel, pad, stride, out, ceil: bool, want_mask: bool):
+    """MAX or AVE pooling of (N, C, H, W) into Caffe's `out` windows; MAX also gives Caffe's mask
+    (flat index h * W + w of each window's first maximum, as x's dtype) when `want_mask`."""
+    h, w = x.shape[2:]
+    torch_ok = all(p <= k // 2 and _torch_pooled_size(n, k, p, s, ceil) == o
+                   for n, k, p, s, o in zip((h, w), kernel, pad, stride, out))
+    if torch_ok:
+        if method == PoolMethod.AVE:
+            # torch's divisor with count_include_pad is Caffe's: the window clipped to in + pad
+            return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil, count_include_pad=True), None
+        if want_mask:
+            y, idx = F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil, return_indices=True)
+            return y, idx.to(x.dtype)
+        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil), None
+    # Caffe's windows made explicit: pad above half the kernel, or Caffe's extra (empty) last
+    # window without padding; pad the near side by pad and the far side up to the last window
+    far = [(o - 1) * s + k - n - p for n, k, p, s, o in zip((h, w), kernel, pad, stride, out)]
+    pads = (pad[1], far[1], pad[0], far[0])
+    if method == PoolMethod.AVE:
+        sums = F.avg_pool2d(F.pad(x, pads), kernel, stride, divisor_override=1)
+        # Caffe divides by the window clipped to in + pad (zero or negative for an empty window)
+        sizes = [torch.tensor([min(i * s - p + k, n + p) - (i * s - p) for i in range(o)], dtype=x.dtype,
+                              device=x.device) for n, k, p, s, o in zip((h, w), kernel, pad, stride, out)]
+        return sums / (sizes[0][:, None] * sizes[1][None, :]), None
+    y, idx = F.max_pool2d(F.pad(x, pads, value=-math.inf), kernel, stride, return_indices=True)
+    wp = w + pad[1] + far[1]
+    hh, ww = idx // wp - pad[0], idx % wp - pad[1]
+    inside = (hh >= 0) & (hh < h) & (ww >= 0) & (ww < w)
+    # a window with no input element keeps Caffe's initial value -FLT_MAX and mask -1
+    y = torch.where(inside, y, torch.full_like(y, -FLT_MAX))
+    mask = torch.where(inside, hh * w + ww, torch.full_like(idx, -1)).to(x.dtype) if want_mask else None
+    return y, mask
+
+
+def _pool_stochastic(x: torch.Tensor, kernel, stride, out, train: bool) -> torch.Tensor:
+    """Caffe's STOCHASTIC pooling (GPU-only in Caffe): TRAIN picks one element per window with
+    probability proportional to its value; TEST gives the value-weighted average sum(x^2)/sum(x)."""
+    n, c, h, w = x.shape
+    # zeros on the far side make every window full size without changing sums or picks
+    far = [(o - 1) * s + k - size for size, k, s, o in zip((h, w), kernel, stride, out)]
+    xp = F.pad(x, (0, far[1], 0, far[0]))
+    win = F.unfold(xp, kernel, stride=stride).reshape(n, c, math.prod(kernel), -1)
+    if not train:
+        return ((win * win).sum(2) / (win.sum(2) + FLT_MIN)).reshape(n, c, *out)
+    cum = win.cumsum(2)
+    # Caffe draws u in (0, 1] and takes the first element whose running sum reaches u * total
+    u = 1.0 - torch.rand(cum[:, :, -1].shape, dtype=x.dtype, device=x.device)
+    pick = (cum >= (u * cum[:, :, -1]).unsqueeze(2)).to(torch.uint8).argmax(2, keepdim=True)
+    return win.gather(2, pick).reshape(n, c, *out)
+
+
+def _check_pooling_pad(layer: Layer, method: int, kernel, pad, what: str = "") -> None:
+    if any(pad):
+        if method not in (PoolMethod.MAX, PoolMethod.AVE):
+            raise layer.error(f"{what}padding is implemented only for MAX and AVE pooling")
+        if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
+            raise layer.error(f"{what}pad {tuple(pad)} must be smaller than the kernel {tuple(kernel)}")
+
+
+def _pooled_shape(layer: Layer, x: torch.Tensor, kernel, pad, stride, ceil: bool, what: str = ""):
+    if x.dim() != 4:
+        raise layer.error(f"the bottom must have 4 axes (num, channels, height, width), got shape "
+                          f"{tuple(x.shape)}")
+    out = [pooled_size(n, k, p, s, ceil, any(pad)) for n, k, p, s in zip(x.shape[2:], kernel, pad, stride)]
+    if any(o <= 0 for o in out):
+        raise layer.error(f"{what}output would be empty: input {tuple(x.shape[2:])}, kernel {tuple(kernel)}, "
+                          f"pad {tuple(pad)}, stride {tuple(stride)}")
+    return out
+
+
+@register
+class Pooling(Layer):
+    """Caffe's Pooling layer (MAX with optional mask top, AVE, STOCHASTIC; global pooling)."""
+
+    type = "Pooling"
+    min_bottoms = max_bottoms = 1
+    min_tops = 1
+    max_tops = 2
+
+    def setup(self, bottoms):
+        p = self.param.pooling_param
+        if len(self.param.top) > 1 and p.pool != PoolMethod.MAX:
+            raise self.error("only MAX pooling can have a second (mask) top")
+        if p.global_pooling:
+            if p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w"):
+                raise self.error("with global_pooling: true the kernel size cannot be given")
+        else:
+            both_hw = p.HasField("kernel_h") and p.HasField("kernel_w")
+            if p.HasField("kernel_size") and both_hw:
+                raise self.error("give kernel_size or kernel_h and kernel_w, not both")
+            if not p.HasField("kernel_size") and not both_hw:
+                raise self.error("give kernel_size, or both kernel_h and kernel_w")
+        for name in ("pad", "stride"):
+            has_h, has_w = p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
+            if (has_h or has_w) and (p.HasField(name) or not (has_h and has_w)):
+                raise self.error(f"give {name}, or both {name}_h and {name}_w")
+        self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+        self.stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
+        if p.global_pooling and (any(self.pad) or self.stride != (1, 1)):
+            raise self.error("with global_pooling: true only pad 0 and stride 1 are allowed")
+        if any(s <= 0 for s in self.stride):
+            raise self.error(f"stride must be positive, got {self.stride}")
+        x = bottoms[0]
+        if x.dim() != 4:
+            raise self.error(f"the bottom must have 4 axes (num, channels, height, width), got shape "
+                             f"{tuple(x.shape)}")
+        kernel = self.kernel(x)
+        if any(k <= 0 for k in kernel):
+            raise self.error(f"kernel dimensions cannot be zero, got {kernel}")
+        _check_pooling_pad(self, p.pool, kernel, self.pad)
+        _pooled_shape(self, x, kernel, self.pad, self.stride, p.round_mode == PoolMethod.CEIL)
+
+    def kernel(self, x: torch.Tensor) -> tuple[int, int]:
+        p = self.param.pooling_param
+        if p.global_pooling:
+            return tuple(x.shape[2:])
+        return (p.kernel_size, p.kernel_size) if p.HasField("kernel_size") else (p.kernel_h, p.kernel_w)
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        p = self.param.pooling_param
+        ceil = p.round_mode == PoolMethod.CEIL
+        kernel = self.kernel(x)
+        out = _pooled_shape(self, x, kernel, self.pad, self.stride, ceil)
+        if p.pool == PoolMethod.STOCHASTIC:
+            return [_pool_stochastic(x, kernel, self.stride, out, self.phase == caffe_pb2.TRAIN)]
+        want_mask = len(self.param.top) > 1
+        y, mask = _pool_max_ave(x, p.pool, kernel, self.pad, self.stride, out, ceil, want_mask)
+        return [y, mask] if want_mask else [y]
+
+    def infer_tops(self, bottoms):
+        x = bottoms[0]
+        p = self.param.pooling_param
+        out = _pooled_shape(self, x, self.kernel(x), self.pad, self.stride, p.round_mode == PoolMethod.CEIL)
+        return [x.new_zeros(*x.shape[:2], *out) for _ in self.param.top]
+
+
+def spp_level_geometry(level: int, height: int, width: int):
+    """Caffe's SPP pooling for one pyramid level: (kernel, pad, stride), each (h, w), so that
+    2^level windows cover each axis."""
+    bins = 2 ** level
+    kernel, pad = [], []
+    for size in (height, width):
+        k = -(-size // bins)
+        kernel.append(k)
+        pad.append((k * bins - size + 1) // 2)
+    return tuple(kernel), tuple(pad), tuple(kernel)
+
+
+@register
+class SPP(Layer):
+    """Caffe's SPP layer: pooled maps of each pyramid level, flattened and concatenated."""
+
+    type = "SPP"
+    min_bottoms = max_bottoms = 1
+    min_tops = max_tops = 1
+
+    def setup(self, bottoms):
+        if self.param.spp_param.pyramid_height < 1:
+            raise self.error("pyramid_height must be at least 1")
+        x = bottoms[0]
+        if x.dim() == 4 and (x.shape[2] == 0 or x.shape[3] == 0):
+            raise self.error(f"input dimensions cannot be zero, got shape {tuple(x.shape)}")
+        self.levels(x)
+
+    def levels(self, x: torch.Tensor):
+        """(kernel, pad, stride, out) per level, with the checks of Caffe's inner Pooling layers."""
+        p = self.param.spp_param
+        if x.dim() != 4:
+            raise self.error(f"the bottom must have 4 axes (num, channels, height, width), got shape "
+                             f"{tuple(x.shape)}")
+        result = []
+        for level in range(p.pyramid_height):
+            kernel, pad, stride = spp_level_geometry(level, *x.shape[2:])
+            what = f"pyramid level {level} on a {x.shape[2]}x{x.shape[3]} input: "
+            _check_pooling_pad(self, p.pool, kernel, pad, what)
+            result.append((kernel, pad, stride, _pooled_shape(self, x, kernel, pad, stride, True, what)))
+        return result
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        p = self.param.spp_param
+        pooled = []
+        for kernel, pad, stride, out in self.levels(x):
+            if p.pool == caffe_pb2.SPPParameter.STOCHASTIC:
+                y = _pool_stochastic(x, kernel, stride, out, self.phase == caffe_pb2.TRAIN)
+            else:
+                y, _ = _pool_max_ave(x, p.pool, kernel, pad, stride, out, True, False)
+            pooled.append(y)
+        if len(pooled) == 1:
+            # Caffe runs a single level as a plain Pooling layer: the top stays (N, C, h, w)
+            return pooled
+        return [torch.cat([y.flatten(1) for y in pooled], 1)]
+
+    def infer_tops(self, bottoms):
+        x = bottoms[0]
+        shapes = [out for *_, out in self.levels(x)]
+        if len(shapes) == 1:
+            return [x.new_zeros(*x.shape[:2], *shapes[0])]
+        return [x.new_zeros(x.shape[0], x.shape[1] * sum(h * w for h, w in shapes))]

@@ -1,0 +1,131 @@
+"""pycaffe's API over the built-in engine: change `import caffe` to `from mpicaffe import caffe`.
+
+Nets (`caffe.Net`), solvers (`caffe.SGDSolver`, `caffe.get_solver`, ...), `caffe.TRAIN`/`TEST`,
+the mode functions, `caffe.io` and `caffe.proto.caffe_pb2` behave as in BVLC Caffe's pycaffe.
+On a GPU, `.data`/`.diff` arrays are copies (writes to them do not reach the device); on the CPU
+they are views, as in pycaffe.
+"""
+from __future__ import annotations
+
+import torch
+
+from mpicaffe import prototxt
+from mpicaffe.backends.engine import solver as _engine_solver
+from mpicaffe.backends.engine.layers import layer_types
+from mpicaffe.caffe import io, proto
+from mpicaffe.caffe.net import Net
+from mpicaffe.proto import caffe_pb2
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+_mode = {"gpu": False, "device": 0}
+
+
+def set_mode_cpu() -> None:
+    _mode["gpu"] = False
+
+
+def set_mode_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("set_mode_gpu: no CUDA device is available to PyTorch")
+    _mode["gpu"] = True
+
+
+def set_device(device_id: int) -> None:
+    _mode["device"] = int(device_id)
+
+
+def set_random_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _default_device() -> str:
+    return f"cuda:{_mode['device']}" if _mode["gpu"] else "cpu"
+
+
+def layer_type_list() -> list[str]:
+    """The layer types the built-in engine implements."""
+    return layer_types()
+
+
+class Solver:
+    """A Caffe solver, as pycaffe's: `net`, `test_nets`, `iter`, `step`, `solve`, `snapshot`, ..."""
+
+    _type: str | None = None
+
+    def __init__(self, filename: str):
+        param = prototxt.read_solver(filename)
+        if self._type is not None:
+            param.type = self._type
+        self._solver = _engine_solver.get_solver(param, filename, device=_default_device())
+        self.net = Net._wrap(self._solver.net)
+        self.test_nets = [Net._wrap(n) for n in self._solver.test_nets]
+
+    @property
+    def iter(self) -> int:
+        return self._solver.iter
+
+    @property
+    def param(self) -> caffe_pb2.SolverParameter:
+        return self._solver.param
+
+    def step(self, iters: int) -> None:
+        self._solver.step(iters)
+
+    def solve(self, resume_file: str | None = None) -> None:
+        self._solver.solve(resume_file)
+
+    def snapshot(self) -> None:
+        self._solver.snapshot()
+
+    def restore(self, path: str) -> None:
+        self._solver.restore(path)
+
+    def add_callback(self, on_start, on_gradients_ready) -> None:
+        self._solver.add_callback(on_start, on_gradients_ready)
+
+    def apply_update(self) -> None:
+        self._solver.apply_update()
+
+    def share_weights(self, net: Net) -> None:
+        net.share_with(self.net)
+
+
+def _solver_class(name: str, solver_type: str) -> type[Solver]:
+    return type(name, (Solver,), {"_type": solver_type, "__doc__": f"pycaffe's {name}: a {solver_type} solver."})
+
+
+SGDSolver = _solver_class("SGDSolver", "SGD")
+NesterovSolver = _solver_class("NesterovSolver", "Nesterov")
+AdaGradSolver = _solver_class("AdaGradSolver", "AdaGrad")
+RMSPropSolver = _solver_class("RMSPropSolver", "RMSProp")
+AdaDeltaSolver = _solver_class("AdaDeltaSolver", "AdaDelta")
+AdamSolver = _solver_class("AdamSolver", "Adam")
+
+
+def get_solver(filename: str) -> Solver:
+    """The solver of the type the file names (pycaffe's caffe.get_solver)."""
+    return Solver(filename)
+
+
+__all__ = [
+    "TEST",
+    "TRAIN",
+    "AdaDeltaSolver",
+    "AdaGradSolver",
+    "AdamSolver",
+    "NesterovSolver",
+    "Net",
+    "RMSPropSolver",
+    "SGDSolver",
+    "Solver",
+    "get_solver",
+    "io",
+    "layer_type_list",
+    "proto",
+    "set_device",
+    "set_mode_cpu",
+    "set_mode_gpu",
+    "set_random_seed",
+]

@@ -1,0 +1,163 @@
+"""Communicators: every collective mpicaffe uses, over MPI (mpi4py) or a single process.
+
+Training code never calls MPI directly: it asks a Communicator to broadcast parameters, average
+gradients in place (one fused buffer, or buckets started while backward is still running), sum
+test scores, and agree on Python values. Lowercase methods move Python objects, the others numpy
+buffers (as mpi4py names them).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from mpicaffe.errors import UserError
+
+
+class RankError(UserError):
+    """A user error raised on one or more ranks, re-raised on every rank so none waits forever.
+    `rank` is the rank that raised this copy (the CLI prints rank 0's)."""
+
+    def __init__(self, message: str, rank: int = 0):
+        super().__init__(message)
+        self.rank = rank
+
+
+class Communicator:
+    """The single-process communicator: rank 0 of 1; collectives return their input."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    name = "single process"
+
+    def barrier(self) -> None:
+        pass
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        pass
+
+    def Allreduce_sum(self, buf: np.ndarray) -> None:
+        pass
+
+    def Iallreduce_sum(self, buf: np.ndarray):
+        return _DoneRequest()
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+    # --- built on the primitives above ---
+    def allreduce_mean_(self, buf: np.ndarray) -> None:
+        """Average `buf` across ranks, in place."""
+        if self.size > 1:
+            self.Allreduce_sum(buf)
+            buf *= buf.dtype.type(1.0 / self.size)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Collective: if any rank passes an error, raise RankError on every rank, naming the
+        ranks that failed and the first message, so a failure on one rank stops them all."""
+        messages = self.allgather(None if error is None else str(error))
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed:
+            ranks = ", ".join(str(r) for r, _ in failed)
+            first_rank, first = failed[0]
+            detail = first if self.size == 1 else f"rank {first_rank}: {first}"
+            raise RankError(detail if self.size == 1 else f"failed on rank(s) {ranks}; {detail}", self.rank)
+
+    def check_same(self, value: str, what: str) -> None:
+        """Collective: error on every rank if `value` (e.g. a hash) differs across ranks."""
+        values = self.allgather(value)
+        if len(set(values)) > 1:
+            groups: dict[str, list[int]] = {}
+            for r, v in enumerate(values):
+                groups.setdefault(v, []).append(r)
+            listing = "; ".join(f"ranks {','.join(map(str, rs))}: {v[:16]}" for v, rs in groups.items())
+            raise RankError(f"ranks disagree on {what} ({listing})", self.rank)
+
+
+class _DoneRequest:
+    def Wait(self) -> None:
+        pass
+
+    def Test(self) -> bool:
+        return True
+
+
+class MPICommunicator(Communicator):
+    """Collectives over an mpi4py communicator (a duplicate of COMM_WORLD by default)."""
+
+    name = "MPI"
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = (comm or MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = local.Get_rank()
+        self.local_size = local.Get_size()
+        local.Free()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        self.comm.Bcast(buf, root=root)
+
+    def Allreduce_sum(self, buf: np.ndarray) -> None:
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def Iallreduce_sum(self, buf: np.ndarray):
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def launched_by_mpi() -> bool:
+    """True when mpirun/mpiexec/srun started this process as one of several ranks."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def create_communicator(kind: str = "auto") -> Communicator:
+    """'mpi' (requires mpi4py), 'single', or 'auto': MPI when launched with several ranks."""
+    if kind == "single" or (kind == "auto" and not launched_by_mpi()):
+        return Communicator()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        raise UserError("this process was started under MPI, but mpi4py is not installed: "
+                        "pip install mpi4py (built against the MPI you launch with)") from None
+    return MPICommunicator()
+
+
+def digest(*parts: bytes | str) -> str:
+    """A short hex digest of byte strings, for comparing configurations across ranks."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+    return h.hexdigest()

@@ -1,0 +1,336 @@
+"""`mpicaffe train`: a Caffe solver on every MPI rank, gradients averaged synchronously.
+
+Each rank builds the same solver from the same files (checked by hash), reads its own contiguous
+shard of each LMDB, and runs Caffe's iteration; gradients are averaged across ranks before the
+update (in buckets overlapped with backward for the built-in engine), so every rank applies the
+same update to the same weights. Rank 0 loads or restores weights and broadcasts them, prints the
+log (loss averaged over ranks, test scores summed over the ranks' shares of test_iter) and writes
+snapshots. With one process this is exactly `caffe train`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpicaffe import prototxt
+from mpicaffe.backends.engine import snapshot_io
+from mpicaffe.backends.engine.lr_policy import learning_rate
+from mpicaffe.backends.engine.solver import format_float, get_solver, net_output_values, output_lines
+from mpicaffe.comm import Communicator, create_communicator, digest
+from mpicaffe.data.sharding import shard_bounds
+from mpicaffe.devices import select_device
+from mpicaffe.errors import UserError
+from mpicaffe.proto import caffe_pb2
+from mpicaffe.reducer import BucketReducer, FusedReducer
+from mpicaffe.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+# data layers whose batch the trainer sets per rank and which read a rank's shard
+SHARDED_TYPES = {"Data": "data_param", "ImageData": "image_data_param"}
+NEVER = 2**31 - 1
+
+
+@dataclass
+class TrainConfig:
+    """What `mpicaffe train` was asked to do."""
+
+    solver: str
+    weights: str | None = None
+    snapshot: str | None = None
+    gpu: str | None = None
+    level: int = 0
+    stages: list[str] = field(default_factory=list)
+    global_batch: int | None = None
+    scale_lr: bool = False
+    overlap: bool = True
+    bucket_mb: float = 1.0
+    check_every: int = 100
+    metrics: str | None = None
+    timeline: str | None = None
+    timeline_iters: int = 10
+
+
+@dataclass
+class BatchPlan:
+    """Per-rank batch sizes: the prototxt's batch, this rank's batch, the global batch, and the
+    weight of this rank's gradient in the average."""
+
+    prototxt_batch: int
+    local: int
+    global_batch: int
+    weight: float
+
+
+def plan_batches(prototxt_batch: int, size: int, rank: int, global_batch: int | None) -> BatchPlan:
+    """Keep the prototxt's batch on every rank (global = ranks x batch), or split `global_batch`
+    over the ranks as evenly as possible (earlier ranks take the remainder)."""
+    if global_batch is None:
+        return BatchPlan(prototxt_batch, prototxt_batch, prototxt_batch * size, 1.0)
+    if global_batch < size:
+        raise UserError(f"--global-batch {global_batch} is smaller than the number of ranks ({size})")
+    lo, hi = shard_bounds(global_batch, rank, size)
+    return BatchPlan(prototxt_batch, hi - lo, global_batch, (hi - lo) * size / global_batch)
+
+
+def _data_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
+    """The net's Data/ImageData layers that its state includes."""
+    return [lp for lp in net.layer if lp.type in SHARDED_TYPES and prototxt.layer_included(net.state, lp)]
+
+
+def _absolute_sources(net: caffe_pb2.NetParameter, net_path: str) -> None:
+    """Resolve data sources as Caffe would (working directory first, then the net's folder), so
+    the net can be handed on inline without losing its folder."""
+    base = os.path.dirname(net_path) if os.path.exists(net_path) else ""
+    for lp in net.layer:
+        for field_name in ("data_param", "image_data_param"):
+            if lp.HasField(field_name):
+                p = getattr(lp, field_name)
+                if p.source and not os.path.isabs(p.source):
+                    alt = os.path.join(base, p.source)
+                    if not os.path.exists(p.source) and base and os.path.exists(alt):
+                        p.source = os.path.abspath(alt)
+
+
+def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.SolverParameter,
+                                                                   caffe_pb2.SolverParameter, BatchPlan]:
+    """Read the solver and its nets; return (the solver as written, the solver each rank runs, the
+    batch plan). The one each rank runs has its nets inline with per-rank batches, and its own
+    testing, display and snapshots turned off: the trainer does those across ranks."""
+    original = prototxt.read_solver(cfg.solver)
+    original.train_state.level = cfg.level
+    original.train_state.stage.extend(cfg.stages)
+    nets = prototxt.solver_nets(original, cfg.solver)
+    comm.check_same(digest(prototxt.to_text(original), prototxt.to_text(nets.train),
+                           *(prototxt.to_text(t) for t in nets.tests)), "the solver and net definitions")
+    train = nets.train
+    data = _data_layers(train)
+    batch_of = [getattr(lp, SHARDED_TYPES[lp.type]).batch_size for lp in data]
+    if comm.size > 1 or cfg.global_batch:
+        if not data:
+            raise UserError(f"{nets.train_source}: distributed training needs a Data or ImageData layer in "
+                            "the train net (each rank reads its own shard of it)")
+        if len(set(batch_of)) > 1:
+            raise UserError(f"{nets.train_source}: the train net's data layers have different batch sizes "
+                            f"{batch_of}; mpicaffe needs one batch size to split across ranks")
+    plan = plan_batches(batch_of[0] if batch_of else 1, comm.size, comm.rank, cfg.global_batch)
+    for lp in data:
+        getattr(lp, SHARDED_TYPES[lp.type]).batch_size = plan.local
+
+    run = caffe_pb2.SolverParameter()
+    run.CopyFrom(original)
+    for f in ("net", "net_param", "train_net", "train_net_param", "train_state"):
+        run.ClearField(f)
+    del run.test_net[:]
+    del run.test_net_param[:]
+    del run.test_state[:]
+    _absolute_sources(train, nets.train_source)
+    run.train_net_param.CopyFrom(train)
+    for t, src in zip(nets.tests, nets.test_sources):
+        _absolute_sources(t, src)
+        run.test_net_param.add().CopyFrom(t)
+    if cfg.scale_lr:
+        run.base_lr = original.base_lr * plan.global_batch / plan.prototxt_batch
+    run.display = 0
+    run.test_interval = NEVER
+    run.test_initialization = False
+    run.snapshot = 0
+    run.snapshot_after_train = False
+    return original, run, plan
+
+
+class Trainer:
+    """The distributed training loop around one backend solver (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, comm: Communicator):
+        self.cfg = cfg
+        self.comm = comm
+        error = None
+        try:
+            self.param, self.run_param, self.plan = prepare_solver(cfg, comm)
+        except UserError as e:
+            error = e
+        comm.agree(error)
+        try:
+            self.solver = get_solver(self.run_param, cfg.solver, device=select_device(cfg.gpu, self.param),
+                                     rank=comm.rank)
+            if comm.size > 1:
+                self._shard_data()
+            if comm.rank == 0:
+                self._load_start_state()
+        except UserError as e:
+            error = e
+        comm.agree(error)
+        self._broadcast_state()
+        net = self.solver.net
+        if cfg.overlap:
+            self.reducer = BucketReducer(comm, net, self.plan.weight, int(cfg.bucket_mb * (1 << 20)),
+                                         self.run_param.iter_size)
+        else:
+            self.reducer = FusedReducer(comm, [net.flat_diff.detach().numpy()], self.plan.weight)
+        self.solver.add_callback(self.reducer.start, self.reducer.finish)
+        self.telemetry = Telemetry(comm.rank, cfg.metrics, cfg.timeline, cfg.timeline_iters,
+                                   self.param.max_iter)
+        self._losses: deque[np.float32] = deque(maxlen=max(1, self.param.average_loss))
+        self._smoothed = np.float32(0)
+
+    def _shard_data(self) -> None:
+        """Give each rank its contiguous shard of every database; a train shard must hold a batch."""
+        for net in [self.solver.net, *self.solver.test_nets]:
+            for layer in net.layers:
+                if not hasattr(layer, "set_shard"):
+                    continue
+                layer.set_shard(self.comm.rank, self.comm.size)
+                start, end = layer.bounds
+                if net is self.solver.net and end - start < layer.batch_size:
+                    raise layer.error(f"rank {self.comm.rank}'s shard holds {end - start} records, fewer "
+                                      f"than one batch ({layer.batch_size}); use fewer ranks or a smaller batch")
+
+    # --- start state ---
+    def _load_start_state(self) -> None:
+        cfg, solver = self.cfg, self.solver
+        if cfg.weights and cfg.snapshot:
+            raise UserError("give a snapshot to resume training or weights to finetune, but not both")
+        if cfg.weights:
+            for path in (w.strip() for w in cfg.weights.split(",")):
+                log.info("Finetuning from %s", path)
+                snapshot_io.load_weights(solver.net, path)
+        if cfg.snapshot:
+            log.info("Resuming from %s", cfg.snapshot)
+            solver.restore(cfg.snapshot)
+
+    def _broadcast_state(self) -> None:
+        """Make every rank start from rank 0's weights, solver history and iteration."""
+        solver, comm = self.solver, self.comm
+        if comm.size == 1:
+            return
+        comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
+        for h in solver.history:
+            comm.Bcast(h.numpy(), root=0)
+        solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
+
+    # --- the loop ---
+    def run(self) -> None:
+        p, solver, comm = self.param, self.solver, self.comm
+        if comm.rank == 0:
+            self._log_plan()
+            log.info("Solving %s", solver.net.name)
+            log.info("Learning Rate Policy: %s", p.lr_policy)
+        start_iter = solver.iter
+        display_timer = time.perf_counter()
+        display_from = solver.iter
+        while solver.iter < p.max_iter:
+            it = solver.iter
+            if p.test_interval and it % p.test_interval == 0 and (it > 0 or p.test_initialization):
+                with self.telemetry.phase("test", it):
+                    self.test_all()
+            self.telemetry.begin_iteration(it, solver.net, self.reducer)
+            solver.step(1)
+            self._smooth(np.float32(solver.loss))
+            rate = learning_rate(self.run_param, it, solver.current_step)[0]
+            self.telemetry.end_iteration(it, solver.net, self.reducer, solver.loss, rate)
+            if p.display and it % p.display == 0:
+                lapse = time.perf_counter() - display_timer
+                self._display(it, (it - display_from) / (lapse or 1), lapse, rate)
+                display_timer, display_from = time.perf_counter(), it
+            if self.cfg.check_every and solver.iter % self.cfg.check_every == 0:
+                self.check_parameters_agree()
+            if p.snapshot and solver.iter % p.snapshot == 0:
+                self.snapshot()
+        if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0):
+            self.snapshot()
+        if p.test_interval and solver.iter % p.test_interval == 0 and solver.iter > start_iter:
+            self.test_all()
+        self.check_parameters_agree()
+        if comm.rank == 0:
+            log.info("Optimization Done.")
+        self.telemetry.close()
+        for net in [solver.net, *solver.test_nets]:
+            net.close()
+
+    def _log_plan(self) -> None:
+        plan, n = self.plan, self.comm.size
+        per_rank = (f"{plan.local} per rank" if self.cfg.global_batch is None
+                    else f"{plan.global_batch // n} to {-(-plan.global_batch // n)} per rank")
+        lr = self.run_param.base_lr
+        scaled = f" (linearly scaled from the solver's {format_float(self.param.base_lr)})" if self.cfg.scale_lr else ""
+        log.info("Training on %d rank(s) (%s): global batch %d (%s; the prototxt says %d); effective base_lr %s%s",
+                 n, self.comm.name, plan.global_batch, per_rank, plan.prototxt_batch, format_float(lr), scaled)
+
+    def _smooth(self, loss: np.float32) -> None:
+        # Caffe's UpdateSmoothedLoss over the last average_loss iterations, on this rank
+        window = self._losses
+        if len(window) < window.maxlen:
+            window.append(loss)
+            self._smoothed = np.float32((self._smoothed * np.float32(len(window) - 1) + loss) / len(window))
+        else:
+            oldest = window[0]
+            window.append(loss)
+            self._smoothed = np.float32(self._smoothed + (loss - oldest) / np.float32(window.maxlen))
+
+    def _display(self, it: int, per_s: float, lapse: float, rate: float) -> None:
+        names, values, weights = net_output_values(self.solver.net)
+        buf = np.concatenate([[self._smoothed], values]).astype(np.float32)
+        self.comm.allreduce_mean_(buf)
+        if self.comm.rank == 0:
+            log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", it, format_float(per_s),
+                     format_float(lapse), self.param.display, format_float(buf[0]))
+            for line in output_lines("Train", names, buf[1:], weights):
+                log.info("%s", line)
+            log.info("Iteration %d, lr = %s", it, format_float(rate))
+
+    # --- testing ---
+    def test_all(self) -> list[list[tuple[str, float]]]:
+        """Test every test net with its test_iter batches split across ranks; rank 0 logs Caffe's
+        lines. Returns the mean scores per test net (on every rank)."""
+        results = []
+        for i in range(len(self.solver.test_nets)):
+            results.append(self.test(i))
+        return results
+
+    def test(self, i: int) -> list[tuple[str, float]]:
+        solver, comm = self.solver, self.comm
+        total = self.param.test_iter[i]
+        mine = shard_bounds(total, comm.rank, comm.size) if total >= comm.size else (
+            (comm.rank, comm.rank + 1) if comm.rank < total else (0, 0))
+        count = mine[1] - mine[0]
+        names, values, weights = net_output_values(solver.test_nets[i])
+        sums, loss = np.zeros_like(values), np.float32(0)
+        if count:
+            names, sums, weights, loss, _ = solver.test_sums(i, count)
+        buf = np.concatenate([sums, [loss]]).astype(np.float32)
+        comm.Allreduce_sum(buf)
+        means = (buf[:-1] / np.float32(total)).astype(np.float32)
+        if comm.rank == 0:
+            log.info("Iteration %d, Testing net (#%d)", solver.iter, i)
+            if self.param.test_compute_loss:
+                log.info("Test loss: %s", format_float(buf[-1] / np.float32(total)))
+            for line in output_lines("Test", names, means, weights):
+                log.info("%s", line)
+        return [(n, float(m)) for n, m in zip(names, means)]
+
+    # --- consistency and snapshots ---
+    def check_parameters_agree(self) -> None:
+        """Collective: stop with a clear error if the ranks' weights are not bit-identical."""
+        if self.comm.size > 1:
+            weights = self.solver.net.flat_data.detach().numpy()
+            self.comm.check_same(digest(weights.tobytes()), f"the weights at iteration {self.solver.iter} "
+                                 "(ranks diverged)")
+
+    def snapshot(self) -> None:
+        if self.comm.rank == 0:
+            with self.telemetry.phase("snapshot", self.solver.iter):
+                self.solver.snapshot()
+
+
+def train(cfg: TrainConfig, comm: Communicator | None = None) -> Trainer:
+    """Train as `caffe train` does, on every rank of `comm` (default: MPI when under mpirun)."""
+    comm = comm or create_communicator()
+    trainer = Trainer(cfg, comm)
+    trainer.run()
+    return trainer
