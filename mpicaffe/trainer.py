@@ -167,6 +167,7 @@ class Trainer:
             error = e
         comm.agree(error)
         self._broadcast_state()
+        self._skip_consumed_records()
         net = self.solver.net
         if cfg.overlap:
             self.reducer = BucketReducer(comm, net, self.plan.weight, int(cfg.bucket_mb * (1 << 20)),
@@ -213,6 +214,29 @@ class Trainer:
         for h in solver.history:
             comm.Bcast(h.numpy(), root=0)
         solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
+
+    def _test_share(self, i: int) -> int:
+        """How many of test net i's test_iter batches this rank runs."""
+        total, comm = self.param.test_iter[i], self.comm
+        if total >= comm.size:
+            lo, hi = shard_bounds(total, comm.rank, comm.size)
+            return hi - lo
+        return 1 if comm.rank < total else 0
+
+    def _skip_consumed_records(self) -> None:
+        """On resume at iteration K, start each data layer where an uninterrupted run would be
+        (Caffe restarts at the first record; mpicaffe continues the trajectory)."""
+        it, p = self.solver.iter, self.param
+        if it == 0:
+            return
+        tests_done = sum(1 for t in range(0, it, p.test_interval or NEVER)
+                         if p.test_interval and (t > 0 or p.test_initialization))
+        nets = [(self.solver.net, it * self.run_param.iter_size)]
+        nets += [(net, tests_done * self._test_share(i)) for i, net in enumerate(self.solver.test_nets)]
+        for net, batches in nets:
+            for layer in net.layers:
+                if hasattr(layer, "skip_records"):
+                    layer.skip_records(batches * layer.batch_size)
 
     # --- the loop ---
     def run(self) -> None:
@@ -296,9 +320,7 @@ class Trainer:
     def test(self, i: int) -> list[tuple[str, float]]:
         solver, comm = self.solver, self.comm
         total = self.param.test_iter[i]
-        mine = shard_bounds(total, comm.rank, comm.size) if total >= comm.size else (
-            (comm.rank, comm.rank + 1) if comm.rank < total else (0, 0))
-        count = mine[1] - mine[0]
+        count = self._test_share(i)
         names, values, weights = net_output_values(solver.test_nets[i])
         sums, loss = np.zeros_like(values), np.float32(0)
         if count:

@@ -19,7 +19,8 @@ def test_normalize_argv_accepts_gflags_spellings():
     assert normalize_argv(["-1", "-x"]) == ["-1", "-x"]
 
 
-def test_info_lists_layers_per_phase(capsys):
+def test_info_lists_layers_per_phase(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here: the layer list alone, with the reason
     assert main(["info", LENET]) == 0
     out = capsys.readouterr().out
     assert "Net 'LeNet' (phase TRAIN): 9 layers" in out
@@ -27,10 +28,20 @@ def test_info_lists_layers_per_phase(capsys):
     assert lines[1].split() == ["#", "name", "type", "bottoms", "tops"]
     assert lines[2].split() == ["0", "mnist", "Data", "data,", "label"]
     assert "accuracy" not in out
+    assert "need the net built" in lines[-1] and "data/mnist/mnist_train_lmdb" in lines[-1]
     assert main(["info", LENET, "-phase", "TEST"]) == 0
     out = capsys.readouterr().out
     assert "(phase TEST): 10 layers" in out
     assert "8  accuracy  Accuracy         ip2, label  accuracy" in out.splitlines()
+
+
+def test_info_shows_shapes_parameters_and_flops(capsys):
+    assert main(["info", os.path.join(ROOT, "prototxt/lenet/lenet_deploy.prototxt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    conv1 = next(line for line in lines if line.startswith("1  conv1"))
+    # 64 x 20 x 24 x 24 outputs, each 25 multiply-adds; 20 x 25 weights + 20 biases
+    assert conv1.split()[-3:] == ["64x20x24x24", "520", f"{2 * 64 * 20 * 24 * 24 * 25:,}"]
+    assert lines[-1].startswith("Total: 431,080 learnable parameters")
 
 
 def test_user_error_exits_1_without_traceback(tmp_path):

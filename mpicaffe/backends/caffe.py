@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from mpicaffe import prototxt
+from mpicaffe.backends.engine.lr_policy import check_lr_policy
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
@@ -60,10 +61,26 @@ def solver_for_caffe(param: caffe_pb2.SolverParameter, solver_path: str) -> caff
 
 def _check_solver(param: caffe_pb2.SolverParameter, solver_path: str) -> None:
     """Errors Caffe would abort on, as UserErrors: unknown type, missing net files, bad values."""
+    def error(message: str) -> UserError:
+        return UserError(f"{solver_path}: {message}")
+
     if param.type not in SOLVER_TYPES:
-        raise UserError(f"{solver_path}: Unknown solver type: {param.type} (known types: {', '.join(SOLVER_TYPES)})")
+        raise error(f"Unknown solver type: {param.type} (known types: {', '.join(SOLVER_TYPES)})")
     if param.average_loss < 1:
-        raise UserError(f"{solver_path}: average_loss must be >= 1 (got {param.average_loss})")
+        raise error(f"average_loss must be >= 1 (got {param.average_loss})")
+    if param.type in ("AdaGrad", "RMSProp") and param.momentum != 0:
+        raise error(f"Momentum cannot be used with {param.type}.")
+    if param.type == "RMSProp" and not 0 <= param.rms_decay < 1:
+        raise error(f"rms_decay should lie between 0 and 1 (got {param.rms_decay:g}).")
+    if param.weight_decay and param.regularization_type not in ("L1", "L2"):
+        raise error(f"Unknown regularization type: {param.regularization_type!r} (use L2 or L1)")
+    try:
+        check_lr_policy(param)
+    except UserError as e:
+        raise error(str(e)) from None
+    if param.snapshot and not os.access(os.path.dirname(os.path.abspath(param.snapshot_prefix)), os.W_OK):
+        raise error(f"Cannot write to snapshot prefix '{param.snapshot_prefix}'. Make sure that the directory "
+                    "exists and is writeable.")
     prototxt.solver_nets(param, solver_path)  # names the train net exactly once; the files exist
 
 
@@ -81,8 +98,8 @@ class CaffeSolver:
             if not os.path.isfile(solver_path):
                 raise UserError(f"{solver_path}: solver file not found")
             param = prototxt.read_solver(solver_path)
-        _check_solver(param, solver_path)
         self.param = solver_for_caffe(param, solver_path)
+        _check_solver(self.param, solver_path)
         caffe.set_mode_cpu()
         fd, tmp = tempfile.mkstemp(prefix="mpicaffe-solver-", suffix=".prototxt")
         try:

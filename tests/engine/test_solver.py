@@ -270,11 +270,11 @@ def test_update_is_data_minus_diff_and_diff_holds_the_update():
     assert torch.equal(s.net.flat_diff, s.history[0])
 
 
-def test_apply_update_leaves_iter_as_pycaffe_does():
+def test_apply_update_advances_iter_as_pycaffe_does():
     s = make_solver('type: "SGD"')
     s.net.forward_backward()
     s.apply_update()
-    assert s.iter == 0
+    assert s.iter == 1
 
 
 def test_gradient_of_tiny_net_is_the_analytic_one():

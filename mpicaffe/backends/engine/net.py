@@ -74,7 +74,7 @@ class Net:
         produced: set[str] = set()
         consumed_after: dict[str, bool] = {}
         for lp in self.param.layer:
-            lp = _with_phase(lp, self.phase)
+            lp = _with_layer_defaults(lp, self.phase)
             if lp.name in self.layer_names:
                 raise self._err(f"duplicate layer name '{lp.name}'")
             layer = create_layer(lp, self.phase, self.device, self.source)
@@ -231,8 +231,9 @@ class Net:
                 start_data = time.perf_counter()
                 tops = layer.forward([])
                 self.timings["data"] += time.perf_counter() - start_data
-                if force:
-                    tops = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in tops]
+                if force:  # data tops get diffs too; a Parameter layer's top already carries its blob
+                    tops = [t.detach().requires_grad_(True) if t.is_floating_point() and not t.requires_grad
+                            else t for t in tops]
             else:
                 bottoms = [self.blobs[n].tensor for n in self._bottom_names[i]]
                 pd = layer.param.propagate_down
@@ -252,11 +253,12 @@ class Net:
         return loss
 
     def backward(self) -> None:
-        """Backpropagate the loss of the last forward, plus any diff set by hand on an output blob
-        that carries no loss weight; parameter diffs accumulate into `flat_diff` until cleared."""
+        """Backpropagate the loss of the last forward, plus (with force_backward, as Caffe only then
+        runs layers that feed no loss) any diff set by hand on an output blob that carries no loss
+        weight; parameter diffs accumulate into `flat_diff` until cleared."""
         tensors = [t for t, _ in self._loss_terms if t.requires_grad]
         seeds = [torch.full_like(t, w) for t, w in self._loss_terms if t.requires_grad]
-        for name in self.outputs:
+        for name in self.outputs if self.param.force_backward else ():
             blob = self.blobs[name]
             seeded = any(blob.tensor is t for t in tensors)
             if not seeded and blob.tensor.requires_grad and blob._diff is not None and blob._diff.any():
@@ -345,13 +347,16 @@ class Net:
         return out
 
 
-def _with_phase(lp: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:
-    # Caffe's Net::Init: a layer inherits the net's phase unless it sets its own
-    if lp.HasField("phase"):
-        return lp
+def _with_layer_defaults(lp: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:
+    """What Caffe's setup writes into a layer's parameters (and so into a saved .caffemodel): the
+    net's phase unless the layer sets its own (Net::Init), and loss_weight 1 on a one-top loss
+    layer that sets none (LossLayer::LayerSetUp)."""
     copy = caffe_pb2.LayerParameter()
     copy.CopyFrom(lp)
-    copy.phase = phase
+    if not copy.HasField("phase"):
+        copy.phase = phase
+    if copy.type.endswith("Loss") and not copy.loss_weight and len(copy.top) == 1:
+        copy.loss_weight.append(1.0)
     return copy
 
 

@@ -246,8 +246,6 @@ class Solver:
             for _, on_gradients_ready in self._callbacks:
                 on_gradients_ready()
             self.apply_update()
-            # iter counts the updates made; pycaffe's apply_update leaves it to Step
-            self.iter += 1
             request = self._requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == SolverAction.SNAPSHOT:
                 self.snapshot()
@@ -348,7 +346,8 @@ class Solver:
     def apply_update(self) -> None:
         """Update the train net's weights from its diffs (Caffe's SGDSolver::ApplyUpdate): lr for
         this iter, clip_gradients, iter_size normalization, regularization, the solver's rule, then
-        data -= diff. Leaves `iter` alone, as pycaffe's apply_update does."""
+        data -= diff, and iter + 1 (2018 Caffe counts updates in ApplyUpdate, so pycaffe's
+        apply_update advances iter too)."""
         p = self.param
         rate, self.current_step = learning_rate(p, self.iter, self.current_step)
         if p.display and self.iter % p.display == 0:
@@ -368,6 +367,7 @@ class Solver:
                 local_rate = float(_f32(rate) * _f32(self._lr_mult))
             self._compute_update_value(g, local_rate)
             net.flat_data.sub_(g)
+        self.iter += 1
 
     def _clip_gradients(self, g: torch.Tensor) -> None:
         clip = _f32(self.param.clip_gradients)

@@ -451,6 +451,13 @@ class DataLayer(_PrefetchingLayer):
         self.rank, self.shard_size = 0, 1
         self.bounds = (0, self.count)
         self.seek_method: str | None = None
+        self.records_done = 0
+
+    def skip_records(self, n: int) -> None:
+        """Start `n` records into the shard (wrapping), as if `n` records had been read already:
+        a resumed run continues where the interrupted one was. Call before the first forward."""
+        self._check_not_started("skip_records")
+        self.records_done = n
 
     def _env(self) -> contextlib.AbstractContextManager[lmdb.Environment]:
         return lmdb_io.shared_env(self.db_path, lambda message: self.error(f"data_param.source: {message}"))
@@ -476,6 +483,7 @@ class DataLayer(_PrefetchingLayer):
         if rand_skip:
             # as Caffe's DataLayerSetUp before DataReader (Caffe 1.0 ignores rand_skip here)
             skip = int(make_rng(self.rank, _SKIP_STREAM).integers(rand_skip)) % (end - start)
+        skip = (skip + self.records_done) % (end - start)
         with self._env() as env, env.begin(buffers=False) as txn:
             cursor = txn.cursor()
             self.seek_method = sharding.seek_record(cursor, start, self.count)
