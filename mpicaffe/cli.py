@@ -6,6 +6,7 @@ print one clear message and exit with status 1, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
@@ -55,6 +56,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     comm = create_communicator()
     # rank 0 alone logs progress; the others report warnings and errors
     setup_logging(args.verbose, quiet=comm.rank != 0)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # ranks sharing a node share its cores, rather than each starting one thread per core
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
     cfg = trainer.TrainConfig(
         solver=args.solver, weights=args.weights, snapshot=args.snapshot, gpu=args.gpu, level=args.level,
         stages=args.stage, global_batch=args.global_batch, scale_lr=args.scale_lr, overlap=not args.no_overlap,

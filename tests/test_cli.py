@@ -23,7 +23,7 @@ def test_info_lists_layers_per_phase(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/ here: the layer list alone, with the reason
     assert main(["info", LENET]) == 0
     out = capsys.readouterr().out
-    assert "Net 'LeNet' (phase TRAIN): 9 layers" in out
+    assert "Net 'LeNet' (phase TRAIN): 10 layers" in out
     lines = out.splitlines()
     assert lines[1].split() == ["#", "name", "type", "bottoms", "tops"]
     assert lines[2].split() == ["0", "mnist", "Data", "data,", "label"]
@@ -31,17 +31,17 @@ def test_info_lists_layers_per_phase(capsys, tmp_path, monkeypatch):
     assert "need the net built" in lines[-1] and "data/mnist/mnist_train_lmdb" in lines[-1]
     assert main(["info", LENET, "-phase", "TEST"]) == 0
     out = capsys.readouterr().out
-    assert "(phase TEST): 10 layers" in out
-    assert "8  accuracy  Accuracy         ip2, label  accuracy" in out.splitlines()
+    assert "(phase TEST): 11 layers" in out
+    assert "9   accuracy  Accuracy         ip2, label  accuracy" in out.splitlines()
 
 
 def test_info_shows_shapes_parameters_and_flops(capsys):
     assert main(["info", os.path.join(ROOT, "prototxt/lenet/lenet_deploy.prototxt")]) == 0
     lines = capsys.readouterr().out.splitlines()
     conv1 = next(line for line in lines if line.startswith("1  conv1"))
-    # 64 x 20 x 24 x 24 outputs, each 25 multiply-adds; 20 x 25 weights + 20 biases
-    assert conv1.split()[-3:] == ["64x20x24x24", "520", f"{2 * 64 * 20 * 24 * 24 * 25:,}"]
-    assert lines[-1].startswith("Total: 431,080 learnable parameters")
+    # 64 x 20 x 20 x 20 outputs (24x24 crops), each 25 multiply-adds; 20 x 25 weights + 20 biases
+    assert conv1.split()[-3:] == ["64x20x20x20", "520", f"{2 * 64 * 20 * 20 * 20 * 25:,}"]
+    assert lines[-1].startswith("Total: 256,080 learnable parameters")
 
 
 def test_user_error_exits_1_without_traceback(tmp_path):

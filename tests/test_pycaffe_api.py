@@ -21,7 +21,7 @@ def test_net_signatures_blobs_params_and_forward(tmp_path):
     assert list(net.params) == ["conv1", "conv2", "ip1", "ip2"]
     assert net.params["conv1"][0].data.shape == (20, 1, 5, 5) and net.params["conv1"][1].data.shape == (20,)
     assert [layer.type for layer in net.layers][:2] == ["Input", "Convolution"]
-    x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
+    x = np.random.default_rng(0).random((64, 1, 24, 24), dtype=np.float32)
     out = net.forward(data=x)
     assert out["prob"].shape == (64, 10)
     np.testing.assert_allclose(out["prob"].sum(axis=1), 1, rtol=1e-5)
@@ -35,7 +35,7 @@ def test_net_signatures_blobs_params_and_forward(tmp_path):
     np.testing.assert_array_equal(again.params["ip2"][0].data, net.params["ip2"][0].data)
 
     end = net.forward(end="conv1")
-    assert list(end) == ["conv1"] and end["conv1"].shape == (64, 20, 24, 24)
+    assert list(end) == ["conv1"] and end["conv1"].shape == (64, 20, 20, 20)
     with pytest.raises(UserError, match="do not match net inputs"):
         net.forward(label=x)
 
