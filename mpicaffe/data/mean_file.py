@@ -81,7 +81,8 @@ def blobproto_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
         shape = (blob.num, blob.channels, blob.height, blob.width)
     else:
         shape = tuple(blob.shape.dim)
-    data = np.array(blob.data, dtype=np.float32)
+    # double_data holds the values of blobs Caffe wrote in double precision
+    data = np.array(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"blob holds {data.size} values but its shape {shape} needs {int(np.prod(shape))}")
     return data.reshape(shape)

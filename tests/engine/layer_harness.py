@@ -59,3 +59,18 @@ def check_gradients(text: str, *bottoms, wrt=None, phase: int = TRAIN, params: b
         return sum((o * w).sum() for o, w in zip(outs, weights) if o.is_floating_point())
 
     assert torch.autograd.gradcheck(fn, tuple(inputs + blob_inputs), eps=eps, atol=atol, rtol=1e-4)
+
+
+def run_backward(text, *bottoms, phase=TRAIN, seed=0):
+    """float64 forward + backward with random top diffs; returns tops, top diffs, bottom diffs,
+    learnable-blob diffs (numpy)."""
+    layer, tensors = make_layer(text, bottoms, phase, dtype=torch.float64)
+    xs = [t.clone().requires_grad_(True) for t in tensors]
+    layer.blobs = [b.clone().requires_grad_(ok) for b, ok in zip(layer.blobs, layer.blob_learnable)]
+    tops = layer.forward(xs)
+    rng = np.random.default_rng(seed)
+    diffs = [rng.standard_normal(t.shape) for t in tops]
+    torch.autograd.backward(tops, [torch.as_tensor(d) for d in diffs])
+    bottom_diffs = [x.grad.numpy() if x.grad is not None else np.zeros(x.shape) for x in xs]
+    blob_diffs = [b.grad.numpy() for b in layer.blobs if b.requires_grad]
+    return [t.detach().numpy() for t in tops], diffs, bottom_diffs, blob_diffs

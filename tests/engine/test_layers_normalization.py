@@ -7,7 +7,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError
 
 from mpicaffe.errors import UserError
-from tests.engine.layer_harness import TEST, TRAIN, check_gradients, forward, make_layer
+from tests.engine.layer_harness import TEST, TRAIN, check_gradients, forward, make_layer, run_backward
 
 
 def layer_text(kind: str, params: str = "", bottoms=("x",), top: str = "y") -> str:
@@ -18,20 +18,6 @@ def layer_text(kind: str, params: str = "", bottoms=("x",), top: str = "y") -> s
 def f32(v: float) -> float:
     """A float parameter as caffe.proto stores it (float32)."""
     return float(np.float32(v))
-
-
-def run_backward(text, *bottoms, phase=TRAIN, seed=0):
-    """float64 forward + backward with random top diffs; returns tops, top diffs, bottom diffs,
-    learnable-blob diffs (numpy)."""
-    layer, tensors = make_layer(text, bottoms, phase, dtype=torch.float64)
-    xs = [t.clone().requires_grad_(True) for t in tensors]
-    layer.blobs = [b.clone().requires_grad_(ok) for b, ok in zip(layer.blobs, layer.blob_learnable)]
-    tops = layer.forward(xs)
-    rng = np.random.default_rng(seed)
-    diffs = [rng.standard_normal(t.shape) for t in tops]
-    torch.autograd.backward(tops, [torch.as_tensor(d) for d in diffs])
-    bottom_diffs = [x.grad.numpy() if x.grad is not None else np.zeros(x.shape) for x in xs]
-    return [t.detach().numpy() for t in tops], diffs, bottom_diffs
 
 
 def rand(*shape, seed=0, scale=1.0, shift=0.0):
@@ -143,7 +129,7 @@ def caffe_bn_backward(y, dy, std, use_global_stats):
 def test_batchnorm_backward_train_matches_caffe(shape):
     eps = f32(1e-5)
     x = rand(*shape, seed=4, scale=2.0)
-    (y,), (dy,), (dx,) = run_backward(layer_text("BatchNorm"), x, phase=TRAIN)
+    (y,), (dy,), (dx,), _ = run_backward(layer_text("BatchNorm"), x, phase=TRAIN)
     var = x.var(axis=bn_reduce_axes(x))
     np.testing.assert_allclose(dx, caffe_bn_backward(y, dy, np.sqrt(var + eps), False), rtol=1e-8, atol=1e-10)
     check_gradients(layer_text("BatchNorm"), x, phase=TRAIN)
@@ -378,7 +364,7 @@ def test_mvn_backward_is_caffes_not_the_exact_gradient(across_channels):
     eps = 0.5
     x = rand(2, 3, 2, 2, seed=2)
     params = f"mvn_param {{ across_channels: {str(across_channels).lower()} eps: {eps} }}"
-    (y,), (dy,), (dx,) = run_backward(layer_text("MVN", params), x)
+    (y,), (dy,), (dx,), _ = run_backward(layer_text("MVN", params), x)
     rows = 2 if across_channels else 6
     v = x.reshape(rows, -1)
     std = np.sqrt(((v - v.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)) + eps
@@ -389,7 +375,7 @@ def test_mvn_backward_is_caffes_not_the_exact_gradient(across_channels):
 
 def test_mvn_backward_finite_for_constant_rows_and_exact_without_variance():
     x = np.ones((1, 2, 2, 2))
-    _, _, (dx,) = run_backward(layer_text("MVN"), x)
+    _, _, (dx,), _ = run_backward(layer_text("MVN"), x)
     assert np.isfinite(dx).all()
     x = rand(2, 3, 2, 2, seed=3)
     check_gradients(layer_text("MVN", "mvn_param { normalize_variance: false }"), x)

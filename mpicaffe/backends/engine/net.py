@@ -17,6 +17,7 @@ import torch
 
 from mpicaffe.backends.engine.blob import Blob
 from mpicaffe.backends.engine.layers import Layer, create_layer
+from mpicaffe.data.mean_file import blobproto_to_array
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
@@ -381,14 +382,10 @@ def _shapes_match(shape: tuple[int, ...], bp: caffe_pb2.BlobProto, target: tuple
 
 def blob_proto_to_tensor(bp: caffe_pb2.BlobProto) -> torch.Tensor:
     """The data of a BlobProto (float `data` or `double_data`) as a float32 tensor of its shape."""
-    if len(bp.double_data):
-        arr = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
-    else:
-        arr = np.asarray(bp.data, dtype=np.float32)
-    shape = blob_proto_shape(bp)
-    if arr.size != int(np.prod(shape)):
-        raise UserError(f"a blob holds {arr.size} values but its shape {shape} needs {int(np.prod(shape))}")
-    return torch.from_numpy(arr.reshape(shape))
+    try:
+        return torch.from_numpy(blobproto_to_array(bp))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def tensor_to_blob_proto(t: torch.Tensor, bp: caffe_pb2.BlobProto, diff: torch.Tensor | None = None) -> None:

@@ -37,6 +37,19 @@ def _split_at(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
     return math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
 
 
+def _split_with_labels(layer: Layer, x: torch.Tensor, label: torch.Tensor, axis: int,
+                       what: str) -> tuple[int, int, int]:
+    """(outer, channels, inner) of predictions `x` around `axis`, checking one label per position."""
+    outer, channels, inner = _split_at(x, axis)
+    if outer * inner != label.numel():
+        raise layer.error(
+            f"number of labels must match number of predictions; e.g., if {what} axis == 1 and prediction "
+            f"shape is (N, C, H, W), label count (number of labels) must be N*H*W, with integer values in "
+            f"{{0, 1, ..., C-1}}; here {label.numel()} labels for prediction shape {tuple(x.shape)}, "
+            f"axis {axis}")
+    return outer, channels, inner
+
+
 def _class_labels(layer: Layer, label: torch.Tensor, num_classes: int,
                   ignore_label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer class indices (0 where ignored) and the mask of positions that count."""
@@ -146,13 +159,7 @@ class SoftmaxWithLoss(_Loss):
         self.check_bottoms(bottoms)
         x, label = bottoms
         axis = check_axis(self, self.param.softmax_param.axis, x.dim())
-        outer, channels, inner = _split_at(x, axis)
-        if outer * inner != label.numel():
-            raise self.error(
-                f"number of labels must match number of predictions; e.g., if softmax axis == 1 and prediction "
-                f"shape is (N, C, H, W), label count (number of labels) must be N*H*W, with integer values in "
-                f"{{0, 1, ..., C-1}}; here {label.numel()} labels for prediction shape {tuple(x.shape)}, "
-                f"axis {axis}")
+        outer, channels, inner = _split_with_labels(self, x, label, axis, "softmax")
         index, valid = _class_labels(self, label.reshape(outer, inner), channels, self.ignore_label())
         normalizer = _normalizer(self.normalization(), outer, inner, valid, x.dtype)
         loss, prob = _SoftmaxLossFn.apply(x.reshape(outer, channels, inner), index, valid, normalizer)
@@ -309,13 +316,7 @@ class InfogainLoss(_Loss):
         self.check_bottoms(bottoms)
         x, label = bottoms[0], bottoms[1]
         axis = check_axis(self, self.param.infogain_loss_param.axis, x.dim())
-        outer, channels, inner = _split_at(x, axis)
-        if outer * inner != label.numel():
-            raise self.error(
-                f"number of labels must match number of predictions; e.g., if infogain axis == 1 and prediction "
-                f"shape is (N, C, H, W), label count (number of labels) must be N*H*W, with integer values in "
-                f"{{0, 1, ..., C-1}}; here {label.numel()} labels for prediction shape {tuple(x.shape)}, "
-                f"axis {axis}")
+        outer, channels, inner = _split_with_labels(self, x, label, axis, "infogain")
         infogain = bottoms[2] if len(bottoms) == 3 else self._infogain
         if infogain.numel() != channels * channels:
             raise self.error(f"the infogain matrix H must be {channels}x{channels}, got shape "
