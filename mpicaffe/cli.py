@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from mpicaffe import __version__
+from mpicaffe.backends import BACKENDS
 from mpicaffe.comm import RankError
 from mpicaffe.errors import UserError
 from mpicaffe.logs import setup_logging
@@ -60,12 +61,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # ranks sharing a node share its cores, rather than each starting one thread per core
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.local_size))
+        threads = max(1, (os.cpu_count() or 1) // comm.local_size)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries loaded later (Caffe's BLAS)
     cfg = trainer.TrainConfig(
         solver=args.solver, weights=args.weights, snapshot=args.snapshot, gpu=args.gpu, level=args.level,
         stages=args.stage, global_batch=args.global_batch, scale_lr=args.scale_lr, overlap=not args.no_overlap,
         bucket_mb=args.bucket_mb, check_every=args.check_every, metrics=args.metrics, timeline=args.timeline,
-        timeline_iters=args.timeline_iters)
+        timeline_iters=args.timeline_iters, backend=args.backend, shard_cache=args.shard_cache)
     try:
         trainer.train(cfg, comm)
     except RankError:
@@ -134,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap", action="store_true",
                    help="average gradients in one allreduce after backward instead of buckets during it")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size in MiB (default 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="engine",
+                   help="engine: the built-in engine (default); caffe: real BVLC Caffe through pycaffe (CPU); "
+                        "auto: real Caffe when pycaffe is importable, else the engine")
+    p.add_argument("--shard-cache", metavar="DIR",
+                   help="with --backend caffe and several ranks: where each rank keeps its local copy of its data "
+                        "shard (default $MPICAFFE_SHARD_CACHE, else <temporary folder>/mpicaffe-shards)")
     _add_state(p)
     p.set_defaults(func=_cmd_train)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from mpicaffe.errors import UserError
+
+T = TypeVar("T")
 
 
 class RankError(UserError):
@@ -73,6 +75,17 @@ class Communicator:
             first_rank, first = failed[0]
             detail = first if self.size == 1 else f"rank {first_rank}: {first}"
             raise RankError(detail if self.size == 1 else f"failed on rank(s) {ranks}; {detail}", self.rank)
+
+    def agreed(self, fn: Callable[[], T]) -> T:
+        """Collective: call `fn()` on every rank and return its result; a UserError it raises on
+        any rank is raised as RankError on every rank (see `agree`)."""
+        error, result = None, None
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+        self.agree(error)
+        return result
 
     def check_same(self, value: str, what: str) -> None:
         """Collective: error on every rank if `value` (e.g. a hash) differs across ranks."""

@@ -111,13 +111,15 @@ class BucketReducer:
         if not self._armed:
             return
         self._remaining[self._bucket_of[id(tensor)]] -= 1
-        self._launch_ready()
+        if self._remaining[self._bucket_of[id(tensor)]] == 0:
+            self._launch_ready()
         for r in self._requests:  # drive progress of what is in flight
             r.Test()
 
-    def _launch_ready(self, everything: bool = False) -> None:
+    def _launch_ready(self) -> None:
         t = time.perf_counter()
-        while self._next < len(self.buckets) and (everything or self._remaining[self._next] <= 0):
+        # the last bucket completes when backward does: finish() reduces it, blocking
+        while self._next < len(self.buckets) - 1 and self._remaining[self._next] <= 0:
             lo, hi = self.buckets[self._next]
             view = self.buffer[lo:hi]
             if self.weight != 1:
@@ -129,8 +131,15 @@ class BucketReducer:
     def finish(self) -> None:
         if not self._armed:
             return
-        self._launch_ready(everything=True)
+        # buckets still waiting have nothing left to overlap with: a blocking allreduce is cheaper
+        # than a non-blocking one Open MPI only advances inside MPI calls
         t = time.perf_counter()
+        for lo, hi in self.buckets[self._next:]:
+            view = self.buffer[lo:hi]
+            if self.weight != 1:
+                view *= self.weight
+            self.comm.Allreduce_sum(view)
+        self._next = len(self.buckets)
         for r in self._requests:
             r.Wait()
         self.buffer *= np.float32(1.0 / self.comm.size)

@@ -44,16 +44,19 @@ class Telemetry:
         self.events.append({"name": name, "ph": "X", "pid": self.rank, "tid": 0, "ts": (start - self.origin) * 1e6,
                             "dur": seconds * 1e6, "args": {"iteration": it}})
 
-    def begin_iteration(self, it: int, net, reducer) -> None:
+    def begin_iteration(self, it: int, timed, reducer) -> None:
+        """`timed.timings` holds the seconds so far in data wait, forward (data wait included) and
+        backward (an engine net, or a backend adapter); `reducer.seconds` those in communication."""
         self._start = time.perf_counter()
-        self._before = dict(net.timings, comm=reducer.seconds)
+        self._before = dict(timed.timings, comm=reducer.seconds)
 
-    def end_iteration(self, it: int, net, reducer, loss: float, lr: float) -> None:
+    def end_iteration(self, it: int, timed, reducer, loss: float, lr: float) -> None:
         total = time.perf_counter() - self._start
         b = self._before
-        data = net.timings["data"] - b["data"]
-        forward = net.timings["forward"] - b["forward"] - data
-        backward = net.timings["backward"] - b["backward"]
+        timings = timed.timings
+        data = timings["data"] - b["data"]
+        forward = timings["forward"] - b["forward"] - data
+        backward = timings["backward"] - b["backward"]
         comm = reducer.seconds - b["comm"]
         update = max(0.0, total - data - forward - backward - comm)
         if self.metrics:

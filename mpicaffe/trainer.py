@@ -6,6 +6,11 @@ update (in buckets overlapped with backward for the built-in engine), so every r
 same update to the same weights. Rank 0 loads or restores weights and broadcasts them, prints the
 log (loss averaged over ranks, test scores summed over the ranks' shares of test_iter) and writes
 snapshots. With one process this is exactly `caffe train`.
+
+The loop is the same for both backends; what differs (building the solver and giving it its data
+shard, the start state, gradient reduction, test sums, timings) is behind a small adapter per
+backend, with the members `TrainingBackend` lists: mpicaffe.backends.engine_training for the
+built-in engine, mpicaffe.backends.caffe_training for real Caffe through pycaffe.
 """
 from __future__ import annotations
 
@@ -14,19 +19,18 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from mpicaffe import prototxt
-from mpicaffe.backends.engine import snapshot_io
+from mpicaffe.backends import resolve_backend
 from mpicaffe.backends.engine.lr_policy import learning_rate
-from mpicaffe.backends.engine.solver import format_float, get_solver, net_output_values, output_lines
+from mpicaffe.backends.engine.solver import format_float, output_lines
 from mpicaffe.comm import Communicator, create_communicator, digest
-from mpicaffe.data.sharding import shard_bounds
-from mpicaffe.devices import select_device
+from mpicaffe.data.sharding import shard_bounds, test_share
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
-from mpicaffe.reducer import BucketReducer, FusedReducer
 from mpicaffe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ class TrainConfig:
     metrics: str | None = None
     timeline: str | None = None
     timeline_iters: int = 10
+    backend: str = "engine"
+    shard_cache: str | None = None
 
 
 @dataclass
@@ -144,6 +150,59 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.Solv
     return original, run, plan
 
 
+class Reducer(Protocol):
+    """Gradient averaging (mpicaffe.reducer), run from the solver's callbacks."""
+
+    seconds: float
+
+    def start(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class TrainingBackend(Protocol):
+    """What the trainer needs from a backend, beyond the solver interface (mpicaffe.backends).
+
+    Constructed as `Backend(cfg, comm, solver as written, solver each rank runs)`, collectively:
+    every rank builds its solver reading its own data shard, the start state (`--weights`,
+    `--snapshot`) is loaded and broadcast from rank 0, and a resumed run's data layers start
+    where the interrupted run was. A UserError on any rank is raised on all.
+    """
+
+    name: str
+    solver: object           # step, iter, loss, net, test_nets, add_callback, snapshot
+    current_step: int        # Caffe's current_step after the last step (lr policy state)
+    timings: dict[str, float]  # seconds so far in the train net's data wait, forward, backward
+
+    def make_reducer(self, weight: float) -> Reducer:
+        """The gradient averaging for this backend, this rank's gradient weighted by `weight`."""
+
+    def parameter_arrays(self) -> list[np.ndarray]:
+        """The train net's parameters, as numpy arrays (for the checksum)."""
+
+    def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
+        """Names, float32 values and loss weights of each element of `net`'s outputs."""
+
+    def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
+        """Forward test net `i` `count` times with the train net's weights: output names, the
+        float32 sum of each output element, loss weights, the summed loss."""
+
+    def close(self) -> None:
+        """Release data readers and temporary files."""
+
+
+def open_backend(name: str, cfg: TrainConfig, comm: Communicator, param: caffe_pb2.SolverParameter,
+                 run_param: caffe_pb2.SolverParameter) -> TrainingBackend:
+    """The training adapter of backend `name` ('engine' or 'caffe'), built collectively."""
+    if name == "caffe":
+        from mpicaffe.backends.caffe_training import CaffeTraining
+
+        return CaffeTraining(cfg, comm, param, run_param)
+    from mpicaffe.backends.engine_training import EngineTraining
+
+    return EngineTraining(cfg, comm, param, run_param)
+
+
 class Trainer:
     """The distributed training loop around one backend solver (see the module docstring)."""
 
@@ -152,98 +211,28 @@ class Trainer:
         self.comm = comm
         error = None
         try:
+            if cfg.weights and cfg.snapshot:
+                raise UserError("give a snapshot to resume training or weights to finetune, but not both")
+            backend = resolve_backend(cfg.backend)
             self.param, self.run_param, self.plan = prepare_solver(cfg, comm)
         except UserError as e:
             error = e
         comm.agree(error)
-        try:
-            self.solver = get_solver(self.run_param, cfg.solver, device=select_device(cfg.gpu, self.param),
-                                     rank=comm.rank)
-            if comm.size > 1:
-                self._shard_data()
-            if comm.rank == 0:
-                self._load_start_state()
-        except UserError as e:
-            error = e
-        comm.agree(error)
-        self._broadcast_state()
-        self._skip_consumed_records()
-        net = self.solver.net
-        if cfg.overlap:
-            self.reducer = BucketReducer(comm, net, self.plan.weight, int(cfg.bucket_mb * (1 << 20)),
-                                         self.run_param.iter_size)
-        else:
-            self.reducer = FusedReducer(comm, [net.flat_diff.detach().numpy()], self.plan.weight)
+        self.backend = open_backend(backend, cfg, comm, self.param, self.run_param)
+        self.solver = self.backend.solver
+        self.reducer = self.backend.make_reducer(self.plan.weight)
         self.solver.add_callback(self.reducer.start, self.reducer.finish)
         self.telemetry = Telemetry(comm.rank, cfg.metrics, cfg.timeline, cfg.timeline_iters,
                                    self.param.max_iter)
         self._losses: deque[np.float32] = deque(maxlen=max(1, self.param.average_loss))
         self._smoothed = np.float32(0)
 
-    def _shard_data(self) -> None:
-        """Give each rank its contiguous shard of every database; a train shard must hold a batch."""
-        for net in [self.solver.net, *self.solver.test_nets]:
-            for layer in net.layers:
-                if not hasattr(layer, "set_shard"):
-                    continue
-                layer.set_shard(self.comm.rank, self.comm.size)
-                start, end = layer.bounds
-                if net is self.solver.net and end - start < layer.batch_size:
-                    raise layer.error(f"rank {self.comm.rank}'s shard holds {end - start} records, fewer "
-                                      f"than one batch ({layer.batch_size}); use fewer ranks or a smaller batch")
-
-    # --- start state ---
-    def _load_start_state(self) -> None:
-        cfg, solver = self.cfg, self.solver
-        if cfg.weights and cfg.snapshot:
-            raise UserError("give a snapshot to resume training or weights to finetune, but not both")
-        if cfg.weights:
-            for path in (w.strip() for w in cfg.weights.split(",")):
-                log.info("Finetuning from %s", path)
-                snapshot_io.load_weights(solver.net, path)
-        if cfg.snapshot:
-            log.info("Resuming from %s", cfg.snapshot)
-            solver.restore(cfg.snapshot)
-
-    def _broadcast_state(self) -> None:
-        """Make every rank start from rank 0's weights, solver history and iteration."""
-        solver, comm = self.solver, self.comm
-        if comm.size == 1:
-            return
-        comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
-        for h in solver.history:
-            comm.Bcast(h.numpy(), root=0)
-        solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
-
-    def _test_share(self, i: int) -> int:
-        """How many of test net i's test_iter batches this rank runs."""
-        total, comm = self.param.test_iter[i], self.comm
-        if total >= comm.size:
-            lo, hi = shard_bounds(total, comm.rank, comm.size)
-            return hi - lo
-        return 1 if comm.rank < total else 0
-
-    def _skip_consumed_records(self) -> None:
-        """On resume at iteration K, start each data layer where an uninterrupted run would be
-        (Caffe restarts at the first record; mpicaffe continues the trajectory)."""
-        it, p = self.solver.iter, self.param
-        if it == 0:
-            return
-        tests_done = sum(1 for t in range(0, it, p.test_interval or NEVER)
-                         if p.test_interval and (t > 0 or p.test_initialization))
-        nets = [(self.solver.net, it * self.run_param.iter_size)]
-        nets += [(net, tests_done * self._test_share(i)) for i, net in enumerate(self.solver.test_nets)]
-        for net, batches in nets:
-            for layer in net.layers:
-                if hasattr(layer, "skip_records"):
-                    layer.skip_records(batches * layer.batch_size)
-
     # --- the loop ---
     def run(self) -> None:
         p, solver, comm = self.param, self.solver, self.comm
         if comm.rank == 0:
             self._log_plan()
-            log.info("Solving %s", solver.net.name)
+            log.info("Solving %s", self.run_param.train_net_param.name)
             log.info("Learning Rate Policy: %s", p.lr_policy)
         start_iter = solver.iter
         display_timer = time.perf_counter()
@@ -253,11 +242,11 @@ class Trainer:
             if p.test_interval and it % p.test_interval == 0 and (it > 0 or p.test_initialization):
                 with self.telemetry.phase("test", it):
                     self.test_all()
-            self.telemetry.begin_iteration(it, solver.net, self.reducer)
+            self.telemetry.begin_iteration(it, self.backend, self.reducer)
             solver.step(1)
             self._smooth(np.float32(solver.loss))
-            rate = learning_rate(self.run_param, it, solver.current_step)[0]
-            self.telemetry.end_iteration(it, solver.net, self.reducer, solver.loss, rate)
+            rate = learning_rate(self.run_param, it, self.backend.current_step, announce=False)[0]
+            self.telemetry.end_iteration(it, self.backend, self.reducer, solver.loss, rate)
             if p.display and it % p.display == 0:
                 lapse = time.perf_counter() - display_timer
                 self._display(it, (it - display_from) / (lapse or 1), lapse, rate)
@@ -274,8 +263,7 @@ class Trainer:
         if comm.rank == 0:
             log.info("Optimization Done.")
         self.telemetry.close()
-        for net in [solver.net, *solver.test_nets]:
-            net.close()
+        self.backend.close()
 
     def _log_plan(self) -> None:
         plan, n = self.plan, self.comm.size
@@ -285,6 +273,7 @@ class Trainer:
         scaled = f" (linearly scaled from the solver's {format_float(self.param.base_lr)})" if self.cfg.scale_lr else ""
         log.info("Training on %d rank(s) (%s): global batch %d (%s; the prototxt says %d); effective base_lr %s%s",
                  n, self.comm.name, plan.global_batch, per_rank, plan.prototxt_batch, format_float(lr), scaled)
+        log.info("Backend: %s", self.backend.name)
 
     def _smooth(self, loss: np.float32) -> None:
         # Caffe's UpdateSmoothedLoss over the last average_loss iterations, on this rank
@@ -298,7 +287,7 @@ class Trainer:
             self._smoothed = np.float32(self._smoothed + (loss - oldest) / np.float32(window.maxlen))
 
     def _display(self, it: int, per_s: float, lapse: float, rate: float) -> None:
-        names, values, weights = net_output_values(self.solver.net)
+        names, values, weights = self.backend.output_values(self.solver.net)
         buf = np.concatenate([[self._smoothed], values]).astype(np.float32)
         self.comm.allreduce_mean_(buf)
         if self.comm.rank == 0:
@@ -320,11 +309,11 @@ class Trainer:
     def test(self, i: int) -> list[tuple[str, float]]:
         solver, comm = self.solver, self.comm
         total = self.param.test_iter[i]
-        count = self._test_share(i)
-        names, values, weights = net_output_values(solver.test_nets[i])
+        count = test_share(total, comm.rank, comm.size)
+        names, values, weights = self.backend.output_values(solver.test_nets[i])
         sums, loss = np.zeros_like(values), np.float32(0)
         if count:
-            names, sums, weights, loss, _ = solver.test_sums(i, count)
+            names, sums, weights, loss = self.backend.test_sums(i, count)
         buf = np.concatenate([sums, [loss]]).astype(np.float32)
         comm.Allreduce_sum(buf)
         means = (buf[:-1] / np.float32(total)).astype(np.float32)
@@ -340,9 +329,8 @@ class Trainer:
     def check_parameters_agree(self) -> None:
         """Collective: stop with a clear error if the ranks' weights are not bit-identical."""
         if self.comm.size > 1:
-            weights = self.solver.net.flat_data.detach().numpy()
-            self.comm.check_same(digest(weights.tobytes()), f"the weights at iteration {self.solver.iter} "
-                                 "(ranks diverged)")
+            weights = digest(*(a.tobytes() for a in self.backend.parameter_arrays()))
+            self.comm.check_same(weights, f"the weights at iteration {self.solver.iter} (ranks diverged)")
 
     def snapshot(self) -> None:
         if self.comm.rank == 0:

@@ -191,6 +191,21 @@ class CaffeSolver:
         self._solver.add_callback(on_start, on_gradients_ready)
 
 
+def output_values(net) -> tuple[list[str], np.ndarray, list[float]]:
+    """Names, float32 values and loss weights of every element of a pycaffe net's output blobs,
+    in the order Caffe prints them (`Train net output #i`, `Test net output #i`)."""
+    weights = net.blob_loss_weights
+    names: list[str] = []
+    loss_weights: list[float] = []
+    values = []
+    for name in net.outputs:
+        v = np.asarray(net.blobs[name].data, dtype=np.float32).reshape(-1)
+        names += [name] * v.size
+        loss_weights += [float(weights[name])] * v.size
+        values.append(v)
+    return names, np.concatenate(values) if values else np.zeros(0, np.float32), loss_weights
+
+
 def _learnable_blobs(net) -> list:
     """The net's parameter blobs in Caffe's learnable_params order: layer by layer, each blob once.
     Caffe's ShareWeights makes a sharer's blob use its owner's memory, so a repeated data

@@ -101,3 +101,25 @@ def seek_record(cursor, index: int, count: int) -> str:
         return SEQUENTIAL
     seek_by_scan(cursor, index)
     return SCAN
+
+
+def test_share(test_iter: int, rank: int, size: int) -> int:
+    """How many of a test net's `test_iter` batches `rank` runs: a contiguous share, or one batch
+    each on the first `test_iter` ranks when there are fewer batches than ranks."""
+    if test_iter >= size:
+        lo, hi = shard_bounds(test_iter, rank, size)
+        return hi - lo
+    return 1 if rank < test_iter else 0
+
+
+def batches_read(param, iteration: int, rank: int, size: int) -> tuple[int, list[int]]:
+    """The batches `rank`'s data layers have read when training (SolverParameter `param`, as the
+    user wrote it) reaches `iteration`: (train net batches, [batches of each test net]).
+
+    A resumed run starts each layer this far into its shard, where the uninterrupted run would be.
+    """
+    tests_done = 0
+    if param.test_interval:
+        tests_done = sum(1 for t in range(0, iteration, param.test_interval) if t > 0 or param.test_initialization)
+    tests = [tests_done * test_share(n, rank, size) for n in param.test_iter]
+    return iteration * param.iter_size, tests

@@ -34,12 +34,14 @@ def check_lr_policy(param: caffe_pb2.SolverParameter) -> None:
         raise UserError(f"lr_policy 'poly' needs max_iter > 0 (got {param.max_iter})")
 
 
-def learning_rate(param: caffe_pb2.SolverParameter, iter: int, current_step: int = 0) -> tuple[float, int]:
+def learning_rate(param: caffe_pb2.SolverParameter, iter: int, current_step: int = 0,
+                  announce: bool = True) -> tuple[float, int]:
     """The rate for iteration `iter` and the new `current_step`, as Caffe's GetLearningRate.
 
     `current_step` is the solver state Caffe keeps: "step" sets it to iter / stepsize; "multistep"
     advances it by at most one per call (when iter reaches the next stepvalue) and logs Caffe's
-    "MultiStep Status" line. Raises UserError for an unknown policy or bad parameters.
+    "MultiStep Status" line unless `announce` is false. Raises UserError for an unknown policy or
+    bad parameters.
     """
     check_lr_policy(param)
     policy = param.lr_policy
@@ -59,7 +61,8 @@ def learning_rate(param: caffe_pb2.SolverParameter, iter: int, current_step: int
         elif policy == "multistep":
             if current_step < len(param.stepvalue) and iter >= param.stepvalue[current_step]:
                 current_step += 1
-                log.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
+                if announce:
+                    log.info("MultiStep Status: Iteration %d, step = %d", iter, current_step)
             rate = base_lr * np.power(gamma, np.float64(current_step))
         elif policy == "poly":
             frac = _f32(1) - _f32(iter) / _f32(param.max_iter)

@@ -1,0 +1,269 @@
+"""Distributed training on real Caffe: what the trainer needs from a pycaffe solver (CaffeSolver).
+
+- Data: Caffe's Data and ImageData layers read their source from its start, so with several
+  ranks each rank writes a local copy of its contiguous shard (mpicaffe.data.shard_cache) and its
+  nets read that instead. On resume the copy starts where the interrupted run was, so the data
+  trajectory continues; one process reads the source itself and, as `caffe train`, restarts at
+  its first record.
+- Start state: rank 0 loads `--weights`. For `--snapshot`, rank 0 reads the solver state and the
+  weights it names and sends their bytes to every rank, which restores from a local copy:
+  pycaffe cannot set a solver's history (momentum), and no shared file system is needed. Rank 0's
+  parameters are then broadcast.
+- Gradients: one fused allreduce of the parameters' diffs in pycaffe's on_gradients_ready
+  callback, after all iter_size backward passes and before Caffe's update.
+- Test: the test net shares the train net's weights (Solver::Test's ShareTrainedLayersWith) and
+  each output element is summed over the rank's forwards, as Solver::Test sums them.
+- Timings (data wait, forward, backward): pycaffe's per-layer callbacks on the train net.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mpicaffe import prototxt
+from mpicaffe.backends.caffe import CaffeSolver, output_values
+from mpicaffe.backends.engine import snapshot_io
+from mpicaffe.backends.engine.lr_policy import learning_rate
+from mpicaffe.comm import Communicator
+from mpicaffe.data import shard_cache, sharding
+from mpicaffe.data.mean_file import array_to_blobproto
+from mpicaffe.errors import UserError
+from mpicaffe.proto import caffe_pb2
+from mpicaffe.reducer import FusedReducer
+
+if TYPE_CHECKING:
+    from mpicaffe.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+READERS = ("Data", "ImageData")
+# Caffe keeps two history blobs per parameter for these solvers (AdaDeltaPreSolve, AdamPreSolve)
+HISTORY_SETS = {"AdaDelta": 2, "Adam": 2}
+
+
+@dataclass
+class ResumeState:
+    """A snapshot as rank 0 read it, to be restored on every rank: a binary SolverState without
+    learned_net, and the bytes of the weights file it named."""
+
+    iter: int
+    current_step: int
+    state: bytes
+    weights: bytes | None
+    weights_suffix: str
+
+
+def read_resume_state(path: str) -> ResumeState:
+    """Read a .solverstate(.h5) and the weights it names (as Caffe finds them, or next to it)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: solver state file not found")
+    data = snapshot_io.read_solver_state(path)
+    state = caffe_pb2.SolverState(iter=data.iter, current_step=data.current_step)
+    state.history.extend(array_to_blobproto(h) for h in data.history)
+    weights, suffix = None, ""
+    if data.learned_net:
+        weights_path = snapshot_io.resolve_learned_net(data.learned_net, path)
+        with open(weights_path, "rb") as f:
+            weights = f.read()
+        suffix = ".caffemodel.h5" if weights_path.endswith(".h5") else ".caffemodel"
+    return ResumeState(data.iter, data.current_step, state.SerializeToString(), weights, suffix)
+
+
+class CaffeTraining:
+    """One rank's pycaffe solver, set up for distributed training (the trainer's backend adapter).
+
+    Building it is collective (see the module docstring); a UserError on any rank is raised on
+    all of them. Caffe runs in CPU mode.
+    """
+
+    name = "real Caffe (pycaffe)"
+
+    def __init__(self, cfg: TrainConfig, comm: Communicator, param: caffe_pb2.SolverParameter,
+                 run_param: caffe_pb2.SolverParameter):
+        if comm.rank != 0:
+            # rank 0 alone logs, Caffe's own INFO lines included (glog reads this when Caffe loads)
+            os.environ.setdefault("GLOG_minloglevel", "1")
+        self.cfg, self.comm, self.param = cfg, comm, param
+        self.run_param = caffe_pb2.SolverParameter()
+        self.run_param.CopyFrom(run_param)
+        self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+        self._scratch: str | None = None
+        resume = comm.agreed(self._check_and_read_resume)
+        if comm.size > 1 and cfg.snapshot:
+            resume = comm.bcast(resume, root=0)
+        self.current_step = resume.current_step if resume else 0
+        if comm.size > 1:
+            comm.agreed(lambda: self._read_local_shards(resume.iter if resume else 0))
+        self.solver: CaffeSolver = comm.agreed(lambda: CaffeSolver(cfg.solver, self.run_param))
+        comm.agreed(lambda: self._load_start_state(resume))
+        self._broadcast_parameters()
+        self._time_layers()
+        self.solver.add_callback(self._advance_step, lambda: None)
+
+    # --- start state ---
+    def _check_and_read_resume(self) -> ResumeState | None:
+        if self.cfg.gpu:
+            raise UserError(f"--gpu {self.cfg.gpu}: the Caffe backend runs Caffe in CPU mode; use --backend engine "
+                            "to train on GPUs")
+        if self.cfg.snapshot and self.comm.rank == 0:
+            log.info("Resuming from %s", self.cfg.snapshot)
+            return read_resume_state(self.cfg.snapshot)
+        return None
+
+    def _read_local_shards(self, iteration: int) -> None:
+        """Point every Data/ImageData layer at a local copy of this rank's shard of its source,
+        starting where a run that reached `iteration` has read to."""
+        rank, size = self.comm.rank, self.comm.size
+        train, tests = sharding.batches_read(self.param, iteration, rank, size)
+        nets = [(self.run_param.train_net_param, train, True)]
+        nets += [(net, batches, False) for net, batches in zip(self.run_param.test_net_param, tests)]
+        for net, batches, is_train in nets:
+            for lp in net.layer:
+                if lp.type not in READERS or not prototxt.layer_included(net.state, lp):
+                    continue
+                if lp.type == "Data":
+                    p = lp.data_param
+                    if p.backend != caffe_pb2.DataParameter.LMDB:
+                        raise UserError(f"layer '{lp.name}': data_param.backend LEVELDB: mpicaffe gives each rank "
+                                        "its shard of LMDB databases only; convert the data to LMDB (mpicaffe "
+                                        "convert) and set `backend: LMDB`")
+                    copy = shard_cache.lmdb_shard
+                else:
+                    p = lp.image_data_param
+                    copy = shard_cache.list_shard
+                try:
+                    path, (start, end), reused = copy(p.source, rank, size, batches * p.batch_size,
+                                                      self.cfg.shard_cache)
+                except UserError as e:
+                    raise UserError(f"layer '{lp.name}': {lp.type} source {p.source}: {e}") from None
+                if is_train and end - start < p.batch_size:
+                    raise UserError(f"layer '{lp.name}': rank {rank}'s shard holds {end - start} records, fewer "
+                                    f"than one batch ({p.batch_size}); use fewer ranks or a smaller batch")
+                log.info("layer '%s': rank %d of %d reads records %d..%d of %s from %s copy %s", lp.name, rank, size,
+                         start, end - 1, p.source, "its cached" if reused else "a new", path)
+                p.source = path
+                if lp.type == "Data":
+                    p.backend = caffe_pb2.DataParameter.LMDB
+
+    def _load_start_state(self, resume: ResumeState | None) -> None:
+        solver = self.solver
+        if resume is not None:
+            self._scratch = tempfile.mkdtemp(prefix="mpicaffe-resume-")
+            state = caffe_pb2.SolverState.FromString(resume.state)
+            self._check_history(state)
+            if resume.weights is not None:
+                weights = os.path.join(self._scratch, "resume" + resume.weights_suffix)
+                with open(weights, "wb") as f:
+                    f.write(resume.weights)
+                solver.net.copy_from(weights)
+            state_path = os.path.join(self._scratch, "resume.solverstate")
+            with open(state_path, "wb") as f:
+                f.write(resume.state)
+            solver.restore(state_path)
+        elif self.cfg.weights and self.comm.rank == 0:
+            for path in (w.strip() for w in self.cfg.weights.split(",")):
+                if not os.path.isfile(path):
+                    raise UserError(f"--weights {path}: file not found")
+                log.info("Finetuning from %s", path)
+                solver.net.copy_from(path)
+
+    def _check_history(self, state: caffe_pb2.SolverState) -> None:
+        """What Caffe would abort on when restoring: the number and sizes of the history blobs."""
+        params = self.solver.parameter_arrays() * HISTORY_SETS.get(self.run_param.type, 1)
+        where = f"{self.cfg.snapshot}: "
+        if len(state.history) != len(params):
+            raise UserError(f"{where}Incorrect length of history blobs: the state has {len(state.history)}, the "
+                            f"{self.run_param.type} solver needs {len(params)}")
+        for i, (bp, p) in enumerate(zip(state.history, params)):
+            if len(bp.data) != p.size:
+                raise UserError(f"{where}history blob {i} holds {len(bp.data)} values, the net's parameter has "
+                                f"shape {p.shape}")
+
+    def _broadcast_parameters(self) -> None:
+        """Make every rank start from rank 0's weights (the iteration and history came from the
+        same snapshot bytes on every rank)."""
+        if self.comm.size == 1:
+            return
+        arrays = self.solver.parameter_arrays()
+        buffer = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+        self.comm.Bcast(buffer, root=0)
+        offset = 0
+        for a in arrays:
+            a.reshape(-1)[...] = buffer[offset:offset + a.size]
+            offset += a.size
+
+    # --- per iteration ---
+    def _advance_step(self) -> None:
+        # Caffe's GetLearningRate keeps current_step (multistep) inside the solver, out of pycaffe's
+        # reach; the same calls in the same order keep a copy of it (Caffe logs the MultiStep line)
+        _, self.current_step = learning_rate(self.run_param, self.solver.iter, self.current_step, announce=False)
+
+    def _time_layers(self) -> None:
+        """Accumulate data wait, forward and backward seconds of the train net in `timings`."""
+        net, timings = self.solver.net, self.timings
+        last = len(net.layers) - 1
+        readers = {i for i, layer in enumerate(net.layers) if layer.type in READERS}
+        marks = {"forward": 0.0, "data": 0.0, "backward": 0.0}
+
+        def before_forward(i: int) -> None:
+            now = time.perf_counter()
+            if i == 0:
+                marks["forward"] = now
+            if i in readers:
+                marks["data"] = now
+
+        def after_forward(i: int) -> None:
+            now = time.perf_counter()
+            if i in readers:
+                timings["data"] += now - marks["data"]
+            if i == last:
+                timings["forward"] += now - marks["forward"]
+
+        def before_backward(i: int) -> None:
+            if i == last:
+                marks["backward"] = time.perf_counter()
+
+        def after_backward(i: int) -> None:
+            if i == 0:
+                timings["backward"] += time.perf_counter() - marks["backward"]
+
+        net.before_forward(before_forward)
+        net.after_forward(after_forward)
+        net.before_backward(before_backward)
+        net.after_backward(after_backward)
+
+    # --- what the training loop uses ---
+    def make_reducer(self, weight: float) -> FusedReducer:
+        if self.comm.size > 1 and self.comm.rank == 0:
+            log.info("Gradients are averaged in one fused allreduce after backward (Caffe backend)")
+        return FusedReducer(self.comm, self.solver.gradient_arrays(), weight)
+
+    def parameter_arrays(self) -> list[np.ndarray]:
+        return self.solver.parameter_arrays()
+
+    def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
+        return output_values(net)
+
+    def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
+        net = self.solver.test_nets[i]
+        net.share_with(self.solver.net)
+        last = len(net.layers) - 1
+        names, sums, weights = [], np.zeros(0, np.float32), []
+        loss = np.float32(0)
+        for k in range(count):
+            loss += np.float32(net._forward(0, last))  # Net::Forward's loss, as Solver::Test adds it
+            names, values, weights = output_values(net)
+            sums = values if k == 0 else sums + values
+        return names, sums, weights, loss
+
+    def close(self) -> None:
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None

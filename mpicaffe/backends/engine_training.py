@@ -1,0 +1,126 @@
+"""Distributed training on the built-in engine: what the trainer needs from an engine solver.
+
+The engine keeps parameters, gradients and solver history in flat buffers, so the start state is
+broadcast with one Bcast per buffer, the checksum hashes one buffer, and gradients are averaged
+in buckets started while backward runs (BucketReducer) or in one allreduce (FusedReducer). Its
+data layers seek to the rank's shard themselves (`set_shard`) and, on resume, skip what the
+interrupted run had read (`skip_records`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mpicaffe.backends.engine import snapshot_io
+from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_values
+from mpicaffe.comm import Communicator
+from mpicaffe.data import sharding
+from mpicaffe.devices import select_device
+from mpicaffe.proto import caffe_pb2
+from mpicaffe.reducer import BucketReducer, FusedReducer
+
+if TYPE_CHECKING:
+    from mpicaffe.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class EngineTraining:
+    """One rank's engine solver, set up for distributed training (the trainer's backend adapter).
+
+    Building it is collective: every rank builds the solver and takes its data shard, rank 0
+    loads `--weights` or restores `--snapshot`, and rank 0's weights, history and iteration are
+    broadcast. A UserError on any rank is raised on all of them.
+    """
+
+    name = "the built-in engine"
+
+    def __init__(self, cfg: TrainConfig, comm: Communicator, param: caffe_pb2.SolverParameter,
+                 run_param: caffe_pb2.SolverParameter):
+        self.cfg, self.comm, self.param, self.run_param = cfg, comm, param, run_param
+        self.solver: Solver = comm.agreed(self._build)
+        self._broadcast_state()
+        self._skip_read_records()
+
+    def _build(self) -> Solver:
+        cfg, comm = self.cfg, self.comm
+        solver = get_solver(self.run_param, cfg.solver, device=select_device(cfg.gpu, self.param, comm.local_rank),
+                            rank=comm.rank)
+        # the trainer never reads intermediate blob diffs: do not keep them (Caffe's debug_info would)
+        solver.net.retain_diffs = bool(self.param.debug_info)
+        if comm.size > 1:
+            _shard_data(solver, comm.rank, comm.size)
+        if comm.rank == 0:
+            if cfg.weights:
+                for path in (w.strip() for w in cfg.weights.split(",")):
+                    log.info("Finetuning from %s", path)
+                    snapshot_io.load_weights(solver.net, path)
+            if cfg.snapshot:
+                log.info("Resuming from %s", cfg.snapshot)
+                solver.restore(cfg.snapshot)
+        return solver
+
+    def _broadcast_state(self) -> None:
+        """Make every rank start from rank 0's weights, solver history and iteration."""
+        solver, comm = self.solver, self.comm
+        if comm.size == 1:
+            return
+        comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
+        for h in solver.history:
+            comm.Bcast(h.numpy(), root=0)
+        solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
+
+    def _skip_read_records(self) -> None:
+        """On resume at iteration K, start each data layer where an uninterrupted run would be
+        (Caffe restarts at the first record; mpicaffe continues the trajectory)."""
+        if self.solver.iter == 0:
+            return
+        train, tests = sharding.batches_read(self.param, self.solver.iter, self.comm.rank, self.comm.size)
+        for net, batches in zip([self.solver.net, *self.solver.test_nets], [train, *tests]):
+            for layer in net.layers:
+                if hasattr(layer, "skip_records"):
+                    layer.skip_records(batches * layer.batch_size)
+
+    # --- what the training loop uses ---
+    @property
+    def current_step(self) -> int:
+        return self.solver.current_step
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.solver.net.timings
+
+    def make_reducer(self, weight: float) -> BucketReducer | FusedReducer:
+        net = self.solver.net
+        if self.cfg.overlap:
+            return BucketReducer(self.comm, net, weight, int(self.cfg.bucket_mb * (1 << 20)), self.run_param.iter_size)
+        return FusedReducer(self.comm, [net.flat_diff.detach().numpy()], weight)
+
+    def parameter_arrays(self) -> list[np.ndarray]:
+        return [self.solver.net.flat_data.detach().numpy()]
+
+    def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
+        return net_output_values(net)
+
+    def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
+        names, sums, weights, loss, _ = self.solver.test_sums(i, count)
+        return names, sums, weights, loss
+
+    def close(self) -> None:
+        for net in [self.solver.net, *self.solver.test_nets]:
+            net.close()
+
+
+def _shard_data(solver: Solver, rank: int, size: int) -> None:
+    """Give each rank its contiguous shard of every database; a train shard must hold a batch."""
+    for net in [solver.net, *solver.test_nets]:
+        for layer in net.layers:
+            if not hasattr(layer, "set_shard"):
+                continue
+            layer.set_shard(rank, size)
+            start, end = layer.bounds
+            if net is solver.net and end - start < layer.batch_size:
+                raise layer.error(f"rank {rank}'s shard holds {end - start} records, fewer than one batch "
+                                  f"({layer.batch_size}); use fewer ranks or a smaller batch")

@@ -1,0 +1,111 @@
+"""Per-rank local copies of a data source, for readers that cannot seek (real Caffe's layers).
+
+Caffe's Data layer reads an LMDB from its first record and its ImageData layer reads a whole list
+file, so a rank's contiguous shard is handed to them as a database (or list) of its own: rank r
+of n copies records `shard_bounds(count, r, n)` of the source, found with `seek_record` (only
+those records are read), into a cache folder. The copy may start part-way into the shard and
+wrap around (`first`), so a resumed run continues where the interrupted one was; Caffe's layer
+then reads it from the start and wraps around at its end as usual.
+
+A copy is named by a hash of the source (real path, size and modification time of its data),
+the rank, the number of ranks and `first`, and is written under a temporary name and renamed
+into place when complete, so a copy that exists is complete and is reused by later runs.
+Remove the cache folder to reclaim the space.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from mpicaffe.data import lmdb_io, sharding
+from mpicaffe.errors import UserError
+
+CACHE_ENV = "MPICAFFE_SHARD_CACHE"
+
+
+def cache_dir(configured: str | None = None) -> str:
+    """Where local shard copies live: `configured`, else $MPICAFFE_SHARD_CACHE, else
+    <temporary folder>/mpicaffe-shards (node-local storage on most clusters)."""
+    return configured or os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "mpicaffe-shards")
+
+
+def _copy_name(kind: str, source: str, data_file: str, rank: int, size: int, first: int) -> str:
+    st = os.stat(data_file)
+    identity = f"{kind}\0{os.path.realpath(source)}\0{st.st_size}\0{st.st_mtime_ns}\0{rank}\0{size}\0{first}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    stem = os.path.basename(os.path.normpath(source)) or kind
+    return f"{stem}.rank{rank}of{size}.{key}"
+
+
+def lmdb_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | None = None,
+               ) -> tuple[str, tuple[int, int], bool]:
+    """A local LMDB holding exactly `rank`'s shard of the LMDB `source`, starting `skip` records
+    into the shard (modulo its length) and wrapping around.
+
+    Returns (path of the copy, the shard's record range [start, end) in `source`, whether an
+    existing copy was reused). Records are re-keyed `%08d` in the order they are to be read.
+    Raises UserError when the source is not a readable LMDB or holds fewer records than ranks.
+    """
+    count = lmdb_io.count(source)
+    start, end = sharding.shard_bounds(count, rank, size)
+    length = end - start
+    first = start + skip % length
+    path = os.path.join(cache_dir(cache), _copy_name("lmdb", source, os.path.join(source, "data.mdb"), rank, size,
+                                                     first))
+    if _holds(path, length):
+        return path, (start, end), True
+    lmdb_io.write_datums(path, _rotated_records(source, count, start, end, first), overwrite=True)
+    return path, (start, end), False
+
+
+def _holds(path: str, length: int) -> bool:
+    """Whether `path` is an LMDB of `length` records (a copy left by an earlier run)."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        return lmdb_io.count(path) == length
+    except UserError:
+        return False
+
+
+def _rotated_records(source: str, count: int, start: int, end: int, first: int) -> Iterator[tuple[bytes, bytes]]:
+    """Records first..end-1 then start..first-1 of `source`, keyed by their new position."""
+    position = 0
+    with lmdb_io.shared_env(source) as env, env.begin(buffers=False) as txn:
+        cursor = txn.cursor()
+        for lo, hi in ((first, end), (start, first)):
+            if lo == hi:
+                continue
+            sharding.seek_record(cursor, lo, count)
+            for _ in range(hi - lo):
+                yield lmdb_io.datum_key(position), cursor.value()
+                position += 1
+                cursor.next()
+
+
+def list_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | None = None,
+               ) -> tuple[str, tuple[int, int], bool]:
+    """A local image list holding `rank`'s contiguous shard of the lines of the list file
+    `source` (ImageData), starting `skip` lines into the shard and wrapping around.
+
+    Lines are copied verbatim (image paths stay relative to the layer's root_folder); blank lines
+    are not entries. Returns as `lmdb_shard` does.
+    """
+    try:
+        with open(source, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{source}: cannot read the image list: {e}") from None
+    start, end = sharding.shard_bounds(len(lines), rank, size)
+    first = start + skip % (end - start)
+    path = os.path.join(cache_dir(cache), _copy_name("list", source, source, rank, size, first) + ".txt")
+    if os.path.isfile(path):
+        return path, (start, end), True
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines[first:end] + lines[start:first]))
+    os.replace(partial, path)
+    return path, (start, end), False

@@ -1,0 +1,49 @@
+"""Per-rank local shard copies (mpicaffe.data.shard_cache) and the data position of a resumed run."""
+import numpy as np
+import pytest
+
+from mpicaffe.data import lmdb_io, shard_cache, sharding
+from mpicaffe.errors import UserError
+from mpicaffe.proto import caffe_pb2
+
+
+def _db(tmp_path, n):
+    path = tmp_path / "src_db"
+    lmdb_io.write_datums(str(path), ((lmdb_io.datum_key(i), lmdb_io.array_to_datum(np.full((1, 2, 2), i, np.uint8), i))
+                                     for i in range(n)))
+    return str(path)
+
+
+def _labels(path):
+    return [d.label for _, d in lmdb_io.iter_datums(path)]
+
+
+def test_lmdb_copy_holds_the_rank_shard_rotated_and_is_reused(tmp_path):
+    src = _db(tmp_path, 11)
+    cache = str(tmp_path / "cache")
+    path, bounds, reused = shard_cache.lmdb_shard(src, 1, 3, skip=0, cache=cache)
+    assert bounds == (4, 8) and not reused and _labels(path) == [4, 5, 6, 7]
+    assert shard_cache.lmdb_shard(src, 1, 3, skip=0, cache=cache) == (path, (4, 8), True)
+    # a resumed run that read 6 records of this 4-record shard starts at its third record
+    rotated, _, reused = shard_cache.lmdb_shard(src, 1, 3, skip=6, cache=cache)
+    assert rotated != path and not reused and _labels(rotated) == [6, 7, 4, 5]
+    with pytest.raises(UserError, match="cannot split 11 records among 12 ranks"):
+        shard_cache.lmdb_shard(src, 0, 12, cache=cache)
+
+
+def test_list_copy_holds_the_rank_lines(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"img{i}.png {i}\n" for i in range(5)) + "\n")
+    path, bounds, _ = shard_cache.list_shard(str(listing), 0, 2, skip=1, cache=str(tmp_path / "cache"))
+    assert bounds == (0, 3)
+    with open(path) as f:
+        assert f.read().splitlines() == ["img1.png 1", "img2.png 2", "img0.png 0"]
+
+
+def test_batches_read_before_a_resumed_iteration():
+    param = caffe_pb2.SolverParameter(iter_size=2, test_interval=10, test_iter=[5, 1])
+    # tests ran at 0, 10 and 20; rank 1 of 2 runs 2 of the first net's 5 batches, none of the second's
+    assert sharding.batches_read(param, 25, 1, 2) == (50, [6, 0])
+    param.test_initialization = False
+    assert sharding.batches_read(param, 25, 0, 2) == (50, [6, 2])
+    assert [sharding.test_share(5, r, 2) for r in (0, 1)] == [3, 2]
