@@ -16,6 +16,8 @@ from mpicaffe.backends import BACKENDS
 from mpicaffe.comm import RankError
 from mpicaffe.errors import UserError
 from mpicaffe.logs import setup_logging
+from mpicaffe.signals import EFFECTS, STOPPED_EXIT_CODE
+from mpicaffe.stall import STALL_EXIT_CODE
 
 _GFLAG = re.compile(r"^-([A-Za-z][A-Za-z0-9_]+)(=.*)?$")
 
@@ -50,6 +52,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert.run(args)
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from mpicaffe.prune import command
+
+    return command.run(args)
+
+
+def _apoptosis_config(args: argparse.Namespace):
+    if not args.prune_every:
+        return None
+    from mpicaffe.prune.apoptosis import ApoptosisConfig
+
+    return ApoptosisConfig(args.prune_every, args.prune_criterion, args.prune_target, args.prune_step,
+                           args.prune_samples)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mpicaffe import trainer
     from mpicaffe.comm import create_communicator
@@ -68,9 +85,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         solver=args.solver, weights=args.weights, snapshot=args.snapshot, gpu=args.gpu, level=args.level,
         stages=args.stage, global_batch=args.global_batch, scale_lr=args.scale_lr, overlap=not args.no_overlap,
         bucket_mb=args.bucket_mb, check_every=args.check_every, metrics=args.metrics, timeline=args.timeline,
-        timeline_iters=args.timeline_iters, backend=args.backend, shard_cache=args.shard_cache)
+        timeline_iters=args.timeline_iters, backend=args.backend, shard_cache=args.shard_cache,
+        fault_tolerance=args.fault_tolerance, stall_timeout=args.stall_timeout, apoptosis=_apoptosis_config(args))
+    cfg.resume, cfg.snapshot_every_minutes, cfg.keep_snapshots = (args.resume, args.snapshot_every_minutes,
+                                                                   args.keep_snapshots)
+    cfg.sigint_effect, cfg.sighup_effect = args.sigint_effect, args.sighup_effect
     try:
-        trainer.train(cfg, comm)
+        stopped = trainer.train(cfg, comm).stopped_early
     except RankError:
         raise
     except BaseException as e:
@@ -81,7 +102,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             comm.abort(1)
         raise
-    return 0
+    return STOPPED_EXIT_CODE if stopped else 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from mpicaffe import supervisor
+
+    return supervisor.launch(supervisor.config_from_args(args))
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -143,6 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-cache", metavar="DIR",
                    help="with --backend caffe and several ranks: where each rank keeps its local copy of its data "
                         "shard (default $MPICAFFE_SHARD_CACHE, else <temporary folder>/mpicaffe-shards)")
+    p.add_argument("--fault-tolerance", choices=("none", "ulfm"), default="none",
+                   help="ulfm (run under `mpirun --with-ft ulfm`, built-in engine): when a rank dies, the others "
+                        "shrink to the survivors, redo the interrupted iteration with the same global batch and "
+                        "go on, without a restart")
+    p.add_argument("--stall-timeout", type=float, default=0.0, metavar="S",
+                   help="when a rank has not reached a collective for S seconds, name it, snapshot the last good "
+                        f"state and abort the job with exit code {STALL_EXIT_CODE} (default 0: wait forever)")
+    prune = p.add_argument_group("pruning during training (built-in engine; see mpicaffe.prune.apoptosis)")
+    prune.add_argument("--prune-every", type=int, default=0, metavar="K",
+                       help="every K iterations remove the least useful channels of every prunable layer (default 0: never)")
+    prune.add_argument("--prune-criterion", default="apoptosis", choices=("l1", "l2", "activation", "apoptosis"),
+                       help="how channels are ranked (default apoptosis: near-constant or duplicated neurons first)")
+    prune.add_argument("--prune-target", type=float, default=0.75, metavar="F",
+                       help="stop once this fraction of the starting parameters is removed (default 0.75)")
+    prune.add_argument("--prune-step", type=float, default=0.25, metavar="F",
+                       help="largest fraction of each layer's channels removed at one time (default 0.25)")
+    prune.add_argument("--prune-samples", type=int, default=5, metavar="N",
+                       help="training batches the activation criteria look at, on rank 0 (default 5)")
+    snap = p.add_argument_group("snapshots and signals (see mpicaffe.snapshot, mpicaffe.signals)")
+    snap.add_argument("--resume", choices=("auto",),
+                      help="auto: resume from the newest snapshot of <snapshot_prefix>.manifest.json whose checksums "
+                           "verify (skipping, with a warning, any that do not); with none, start fresh (or from "
+                           "--snapshot/--weights)")
+    snap.add_argument("--snapshot-every-minutes", type=float, default=0.0, metavar="M",
+                      help="also snapshot when M minutes passed since the last snapshot (rank 0's clock decides)")
+    snap.add_argument("--keep-snapshots", type=int, default=0, metavar="K",
+                      help="keep only the newest K snapshots of the manifest, deleting older ones (default 0: all)")
+    snap.add_argument("--sigint-effect", choices=EFFECTS, default="stop",
+                      help="what SIGINT does at the next iteration boundary (Caffe's -sigint_effect; default stop)")
+    snap.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot",
+                      help="what SIGHUP does (Caffe's -sighup_effect; default snapshot). SIGTERM and SIGUSR1 "
+                           f"always snapshot and stop; a run stopped by a signal exits with {STOPPED_EXIT_CODE}")
     _add_state(p)
     p.set_defaults(func=_cmd_train)
 
@@ -174,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write Caffe LMDB datasets and mean files")
     convert.add_arguments(p)
     p.set_defaults(func=_cmd_convert)
+
+    from mpicaffe.prune import command as prune_command
+
+    p = sub.add_parser("prune", help="remove channels from a trained net: smaller prototxt, weights, solver state")
+    prune_command.add_arguments(p)
+    p.set_defaults(func=_cmd_prune)
+
+    from mpicaffe import supervisor
+
+    p = sub.add_parser("launch", help="run `mpicaffe train` under mpirun, relaunching it on failure (--resume auto)")
+    supervisor.add_arguments(p)
+    p.set_defaults(func=_cmd_launch)
     return parser
 
 

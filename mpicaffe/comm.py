@@ -58,6 +58,13 @@ class Communicator:
     def abort(self, code: int = 1) -> None:
         os._exit(code)
 
+    def watch_stalls(self, timeout: float) -> None:
+        """Collective: give every later collective a deadline of `timeout` seconds (mpicaffe.stall);
+        nothing to wait for in a single process."""
+
+    def return_errors(self) -> None:
+        """ULFM: make MPI errors raise (mpi4py's MPI.Exception) instead of aborting the job."""
+
     # --- built on the primitives above ---
     def allreduce_mean_(self, buf: np.ndarray) -> None:
         """Average `buf` across ranks, in place."""
@@ -106,6 +113,19 @@ class _DoneRequest:
         return True
 
 
+class _WatchedRequest:
+    """A non-blocking collective whose Wait has the stall watch's deadline."""
+
+    def __init__(self, request, watch):
+        self.request, self.watch = request, watch
+
+    def Wait(self) -> None:
+        self.watch.wait(self.request)
+
+    def Test(self) -> bool:
+        return self.request.Test()
+
+
 class MPICommunicator(Communicator):
     """Collectives over an mpi4py communicator (a duplicate of COMM_WORLD by default)."""
 
@@ -122,24 +142,70 @@ class MPICommunicator(Communicator):
         self.local_rank = local.Get_rank()
         self.local_size = local.Get_size()
         local.Free()
+        self.world_ranks = list(range(self.size))  # rank -> rank at start (they change on a ULFM shrink)
+        self.watch = None  # a mpicaffe.stall.StallWatch once watch_stalls() is called
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        if self.watch:
+            self.watch.wait(self.comm.Ibarrier())
+        else:
+            self.comm.Barrier()
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
+        if self.watch:  # pickled objects: wait for every rank to arrive, then the blocking call
+            self.watch.wait(self.comm.Ibarrier())
         return self.comm.bcast(obj, root=root)
 
     def allgather(self, obj: Any) -> list[Any]:
+        if self.watch:
+            self.watch.wait(self.comm.Ibarrier())
         return self.comm.allgather(obj)
 
     def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
-        self.comm.Bcast(buf, root=root)
+        if self.watch:
+            self.watch.wait(self.comm.Ibcast(buf, root=root))
+        else:
+            self.comm.Bcast(buf, root=root)
 
     def Allreduce_sum(self, buf: np.ndarray) -> None:
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        if self.watch:
+            self.watch.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
     def Iallreduce_sum(self, buf: np.ndarray):
-        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return _WatchedRequest(request, self.watch) if self.watch else request
+
+    def watch_stalls(self, timeout: float) -> None:
+        from mpicaffe.stall import StallWatch
+
+        self.watch = StallWatch(self.comm, timeout)
+
+    def return_errors(self) -> None:
+        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+
+    def shrink(self) -> list[int]:
+        """ULFM, after a collective raised a process failure: revoke the communicator (so every
+        rank's pending operations fail too) and go on with the survivors, renumbered 0..n-1 in
+        their old order. Collective over the survivors. Returns the failed ranks, numbered as at
+        start (`world_ranks`)."""
+        MPI = self.MPI
+        self.comm.Revoke()
+        survivors_comm = self.comm.Shrink()
+        survivors = MPI.Group.Translate_ranks(survivors_comm.Get_group(), list(range(survivors_comm.Get_size())),
+                                              self.comm.Get_group())
+        failed = [self.world_ranks[r] for r in range(self.size) if r not in survivors]
+        self.world_ranks = [self.world_ranks[r] for r in survivors]
+        self.comm = survivors_comm
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        if self.watch:
+            self.watch = self.watch.rebuilt(self.comm)
+        return failed
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

@@ -32,6 +32,17 @@ def _layer_flops(layer, bottom_shapes, top_shapes) -> int:
     return sum(math.prod(s) for s in top_shapes)
 
 
+def layer_costs(engine_net) -> list[tuple[int, int]]:
+    """(learnable parameters owned, forward FLOPs per batch) of each layer of a built engine net."""
+    out = []
+    for layer in engine_net.layers:
+        top_shapes = [engine_net.blobs[t].shape for t in layer.param.top]
+        bottom_shapes = [engine_net.blobs[b].shape for b in layer.param.bottom]
+        n_params = sum(engine_net.blob_owner(layer.name, j)[1] and b.numel() for j, b in enumerate(layer.blobs))
+        out.append((n_params, _layer_flops(layer, bottom_shapes, top_shapes)))
+    return out
+
+
 def describe(path: str, phase: str = "TRAIN", level: int = 0, stages: list[str] | tuple = ()) -> str:
     """Read, upgrade and filter the net at `path`; return a table of its layers."""
     phase_value = prototxt.phase_from_name(phase)
@@ -45,16 +56,13 @@ def describe(path: str, phase: str = "TRAIN", level: int = 0, stages: list[str] 
     except (UserError, ImportError) as e:
         why = str(e)
     total_params = total_flops = 0
+    costs = layer_costs(engine_net) if engine_net is not None else []
     for i, layer in enumerate(net_param.layer):
         shapes = params = flops = ""
         if engine_net is not None:
-            engine_layer = engine_net.layers[i]
             top_shapes = [engine_net.blobs[t].shape for t in layer.top]
-            bottom_shapes = [engine_net.blobs[b].shape for b in layer.bottom]
             shapes = " ".join("x".join(map(str, s)) or "scalar" for s in top_shapes)
-            n_params = sum(engine_net.blob_owner(layer.name, j)[1] and b.numel()
-                           for j, b in enumerate(engine_layer.blobs))
-            n_flops = _layer_flops(engine_layer, bottom_shapes, top_shapes)
+            n_params, n_flops = costs[i]
             total_params += n_params
             total_flops += n_flops
             params, flops = f"{n_params:,}", f"{n_flops:,}"

@@ -145,3 +145,14 @@ class BucketReducer:
         self.buffer *= np.float32(1.0 / self.comm.size)
         self.seconds += time.perf_counter() - t
         self._armed = False
+
+    def abandon(self) -> None:
+        """Drop the buckets in flight after a collective failed and the communicator was revoked
+        (ULFM recovery): wait for each to end, in error, so that none writes into the gradients
+        later."""
+        for r in self._requests:
+            try:
+                r.Wait()
+            except Exception:  # noqa: BLE001,S110 -- failing is what a request on a revoked communicator does
+                pass
+        self._requests, self._next, self._armed = [], len(self.buckets), False

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mpicaffe import prototxt
+from mpicaffe import progress, prototxt, snapshot
 from mpicaffe.backends import resolve_backend
 from mpicaffe.backends.engine.lr_policy import learning_rate
 from mpicaffe.backends.engine.solver import format_float, output_lines
@@ -31,6 +31,7 @@ from mpicaffe.comm import Communicator, create_communicator, digest
 from mpicaffe.data.sharding import shard_bounds, test_share
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
+from mpicaffe.signals import RunControl
 from mpicaffe.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ class TrainConfig:
     timeline_iters: int = 10
     backend: str = "engine"
     shard_cache: str | None = None
+    fault_tolerance: str = "none"  # "ulfm": survive rank failures in-run (mpicaffe.elastic)
+    stall_timeout: float = 0.0     # > 0: report a stalled rank and abort after this many seconds (mpicaffe.stall)
+    apoptosis: object | None = None  # mpicaffe.prune.apoptosis.ApoptosisConfig (--prune-every): shrink while training
+    resume: str | None = None           # "auto": the newest verified snapshot of the manifest (mpicaffe.snapshot)
+    snapshot_every_minutes: float = 0.0  # > 0: also snapshot when this much time passed since the last one
+    keep_snapshots: int = 0             # > 0: delete all but the newest K snapshots of the manifest
+    sigint_effect: str = "stop"         # Caffe's --sigint_effect: snapshot, stop or none
+    sighup_effect: str = "snapshot"     # Caffe's --sighup_effect
 
 
 @dataclass
@@ -218,14 +227,29 @@ class Trainer:
         except UserError as e:
             error = e
         comm.agree(error)
+        # signals are counted from here on, acted upon at iteration boundaries (mpicaffe.signals)
+        self.control = comm.agreed(lambda: RunControl(comm, cfg.sigint_effect, cfg.sighup_effect,
+                                                      cfg.snapshot_every_minutes))
+        self.control.install()
+        self.stopped_early = ""  # why, when a signal stopped the run
+        self._snapshot_iter = -1
+        if cfg.resume:
+            self._resume_auto()
         self.backend = open_backend(backend, cfg, comm, self.param, self.run_param)
         self.solver = self.backend.solver
         self.reducer = self.backend.make_reducer(self.plan.weight)
-        self.solver.add_callback(self.reducer.start, self.reducer.finish)
+        # looked up at each call: pruning (mpicaffe.prune.apoptosis) replaces the reducer when the net shrinks
+        self.solver.add_callback(lambda: self.reducer.start(), lambda: self.reducer.finish())
         self.telemetry = Telemetry(comm.rank, cfg.metrics, cfg.timeline, cfg.timeline_iters,
                                    self.param.max_iter)
         self._losses: deque[np.float32] = deque(maxlen=max(1, self.param.average_loss))
         self._smoothed = np.float32(0)
+        self.recovery = None  # mpicaffe.elastic.TrainingState under --fault-tolerance ulfm
+        self.apoptosis = None
+        if cfg.apoptosis is not None:
+            from mpicaffe.prune.apoptosis import Apoptosis
+
+            self.apoptosis = comm.agreed(lambda: Apoptosis(cfg.apoptosis, self))
 
     # --- the loop ---
     def run(self) -> None:
@@ -235,10 +259,15 @@ class Trainer:
             log.info("Solving %s", self.run_param.train_net_param.name)
             log.info("Learning Rate Policy: %s", p.lr_policy)
         start_iter = solver.iter
+        if comm.rank == 0 and progress.enabled():
+            progress.report("start", iteration=start_iter, ranks=comm.size, global_batch=self.plan.global_batch,
+                            resumed_from=self.cfg.snapshot)
         display_timer = time.perf_counter()
         display_from = solver.iter
         while solver.iter < p.max_iter:
             it = solver.iter
+            if self.recovery is not None:
+                self.recovery.commit()
             if p.test_interval and it % p.test_interval == 0 and (it > 0 or p.test_initialization):
                 with self.telemetry.phase("test", it):
                     self.test_all()
@@ -253,15 +282,20 @@ class Trainer:
                 display_timer, display_from = time.perf_counter(), it
             if self.cfg.check_every and solver.iter % self.cfg.check_every == 0:
                 self.check_parameters_agree()
+            if self.apoptosis is not None:
+                self.apoptosis.after_iteration()
             if p.snapshot and solver.iter % p.snapshot == 0:
                 self.snapshot()
+            if self._stop_requested():
+                break
         if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0):
             self.snapshot()
-        if p.test_interval and solver.iter % p.test_interval == 0 and solver.iter > start_iter:
+        if p.test_interval and solver.iter % p.test_interval == 0 and solver.iter > start_iter and not self.stopped_early:
             self.test_all()
         self.check_parameters_agree()
+        self.control.uninstall()
         if comm.rank == 0:
-            log.info("Optimization Done.")
+            log.info("Optimization stopped early." if self.stopped_early else "Optimization Done.")
         self.telemetry.close()
         self.backend.close()
 
@@ -333,14 +367,80 @@ class Trainer:
             self.comm.check_same(weights, f"the weights at iteration {self.solver.iter} (ranks diverged)")
 
     def snapshot(self) -> None:
+        """Rank 0 writes a snapshot of the current iteration (once) and records it in the manifest."""
+        if self._snapshot_iter == self.solver.iter:
+            return
+        self._snapshot_iter = self.solver.iter
         if self.comm.rank == 0:
             with self.telemetry.phase("snapshot", self.solver.iter):
-                self.solver.snapshot()
+                self.write_snapshot()
+        self.control.snapshot_written()
+
+    def write_snapshot(self) -> tuple[str, str]:
+        """Write a snapshot on this rank (rank 0's duty, or the lowest live rank's) and record it in
+        the manifest once both files are complete (mpicaffe.snapshot). Returns the two paths."""
+        weights, state = self.solver.snapshot()
+        snapshot.record_snapshot(self.solver.param.snapshot_prefix, weights, state, self.solver.iter, self.comm.size,
+                                 self.plan.global_batch, self.cfg.keep_snapshots)
+        return weights, state
+
+    def _stop_requested(self) -> bool:
+        """Collective, after each iteration: act on signals and the snapshot timer (mpicaffe.signals)."""
+        action = self.control.at_boundary(self.solver.iter)
+        if action.snapshot:
+            self.snapshot()
+        if self.comm.rank == 0 and progress.enabled():
+            progress.report("iteration", iteration=self.solver.iter)
+        if action.stop:
+            self.stopped_early = action.reason
+        return action.stop
+
+    def _resume_auto(self) -> None:
+        """--resume auto: rank 0 picks the newest snapshot of the manifest whose checksums verify and
+        tells every rank; without one the run starts as asked (fresh, --weights or --snapshot)."""
+        cfg, comm = self.cfg, self.comm
+        prefix = self.param.snapshot_prefix
+
+        def choose():
+            if comm.rank != 0:
+                return None
+            found = snapshot.latest_verified_snapshot(prefix)
+            return None if found is None else (found[0], found[1].iteration, found[1].ranks, found[1].global_batch)
+
+        found = comm.bcast(comm.agreed(choose), root=0)
+        if found is None:
+            if comm.rank == 0:
+                start = (f"from --snapshot {cfg.snapshot}" if cfg.snapshot else
+                         f"finetuning from {cfg.weights}" if cfg.weights else "from scratch")
+                log.info("--resume auto: no verified snapshot in %s; starting %s", snapshot.manifest_path(prefix), start)
+            return
+        path, iteration, ranks, global_batch = found
+        cfg.snapshot, cfg.weights = path, None
+        if comm.rank == 0:
+            log.info("--resume auto: resuming from %s (iteration %d, written by %d rank(s) with global batch %d)",
+                     path, iteration, ranks, global_batch)
+            if global_batch != self.plan.global_batch:
+                log.warning("--resume auto: this run's global batch is %d, the snapshot's run had %d; pass "
+                            "--global-batch %d to continue its trajectory", self.plan.global_batch, global_batch,
+                            global_batch)
 
 
 def train(cfg: TrainConfig, comm: Communicator | None = None) -> Trainer:
     """Train as `caffe train` does, on every rank of `comm` (default: MPI when under mpirun)."""
     comm = comm or create_communicator()
+    if cfg.stall_timeout:
+        comm.watch_stalls(cfg.stall_timeout)
+    if cfg.fault_tolerance == "ulfm":
+        from mpicaffe import elastic
+
+        elastic.prepare(cfg, comm)
     trainer = Trainer(cfg, comm)
-    trainer.run()
+    if cfg.stall_timeout:
+        from mpicaffe import stall
+
+        stall.watch_training(trainer)
+    if cfg.fault_tolerance == "ulfm":
+        elastic.run(trainer)
+    else:
+        trainer.run()
     return trainer

@@ -9,5 +9,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 # real BVLC Caffe, the reference for parity tests (cached: a rerun takes seconds)
 ./scripts/install_caffe.sh
+# buildah and debootstrap for tests/deploy, which build the container images (cached by content)
+./scripts/setup_containers.sh
 ruff check mpicaffe tests scripts
 python -m pytest -ra "$@" tests

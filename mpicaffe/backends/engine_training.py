@@ -83,6 +83,26 @@ class EngineTraining:
                 if hasattr(layer, "skip_records"):
                     layer.skip_records(batches * layer.batch_size)
 
+    def reshard(self, local_batch: int) -> None:
+        """ULFM recovery, after the ranks changed: read this rank's new shard with `local_batch`
+        records per train batch, from where a fresh run on this many ranks resumed at `iter` would
+        (so the data order after a recovery is that of `--snapshot` with `--global-batch`)."""
+        solver, comm = self.solver, self.comm
+        nets = [solver.net, *solver.test_nets]
+        for net in nets:
+            for layer in net.layers:
+                if hasattr(layer, "stop_reading"):
+                    layer.stop_reading()
+        for layer in solver.net.layers:
+            if hasattr(layer, "set_shard"):
+                layer.batch_size = local_batch
+        _shard_data(solver, comm.rank, comm.size)
+        for net in nets:
+            for layer in net.layers:
+                if hasattr(layer, "skip_records"):
+                    layer.skip_records(0)
+        self._skip_read_records()
+
     # --- what the training loop uses ---
     @property
     def current_step(self) -> int:

@@ -456,6 +456,13 @@ class Solver:
         self.current_step = state.current_step
         self.set_history([snapshot_io.blob_proto_array(bp) for bp in state.history], source="<solver state>")
 
+    def replace_nets(self, net: Net, test_nets: list[Net], history: list[np.ndarray]) -> None:
+        """Continue with rebuilt nets (pruning shrinks them): `history` is given in Caffe's order for
+        the new train net (see history_blobs); per-parameter lr_mult/decay_mult are recomputed."""
+        self.net, self.test_nets = net, test_nets
+        self._pre_solve()
+        self.set_history(history, source="<pruned solver state>", exact_shapes=True)
+
     def set_history(self, arrays: list[np.ndarray], source: str = "", exact_shapes: bool = False) -> None:
         """Load history blobs given in Caffe's order (see history_blobs)."""
         targets = self.history_blobs()

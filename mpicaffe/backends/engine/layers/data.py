@@ -155,6 +155,14 @@ class _PrefetchingLayer(Layer):
             self._prefetcher.close()
             self._prefetcher = None
 
+    def stop_reading(self) -> None:
+        """Stop the prefetch thread and drop what it read ahead, so that set_shard, skip_records
+        and batch_size may change before the next forward (ULFM recovery re-shards a running net)."""
+        if self._prefetcher is not None:
+            self._finalizer.detach()
+            self._prefetcher.close()
+            self._prefetcher = None
+
     def _check_not_started(self, what: str) -> None:
         if self._prefetcher is not None or self._closed:
             raise self.error(f"{what} must be called before the first forward")

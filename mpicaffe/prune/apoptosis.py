@@ -1,0 +1,152 @@
+"""Adaptive apoptosis during `mpicaffe train` (built-in engine): the net shrinks as it trains.
+
+Every `every` iterations, until the net has lost `target` of its starting parameters, rank 0
+ranks each prunable group's channels by the criterion and removes, from every group, the same
+fraction of its channels: at most `step`, and no more than reaching the target needs. Data
+criteria look at `samples` batches of the training data, run through the train net in phase TEST
+(no dropout) on rank 0 with a reader of its own, so the training data order is untouched. The
+decision (channel indices per group) is broadcast, and every rank applies the same surgery to
+its train and test nets, weights and solver history (mpicaffe.prune.live); training continues
+with the smaller net and a gradient reducer built for it. Each pruning is logged with the net's
+size, so the log records the size over time.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpicaffe import prototxt
+from mpicaffe.atomic import write_bytes_atomic
+from mpicaffe.errors import UserError
+from mpicaffe.prune import criteria
+from mpicaffe.prune.dependencies import Analysis
+from mpicaffe.prune.live import analyze_solver, parameter_count, probe_net, prune_solver
+from mpicaffe.prune.surgery import plan_cuts, prune_net_param
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApoptosisConfig:
+    """--prune-every, --prune-criterion, --prune-target, --prune-step, --prune-samples."""
+
+    every: int
+    criterion: str = "apoptosis"
+    target: float = 0.75
+    step: float = 0.25
+    samples: int = 5
+
+    def check(self) -> None:
+        if self.every < 1:
+            raise UserError(f"--prune-every must be >= 1 (got {self.every})")
+        if self.criterion not in criteria.CRITERIA:
+            raise UserError(f"--prune-criterion: unknown criterion '{self.criterion}' "
+                            f"(choose {', '.join(criteria.CRITERIA)})")
+        if not 0 < self.target < 1:
+            raise UserError(f"--prune-target must be a fraction of the parameters between 0 and 1 (got {self.target})")
+        if not 0 < self.step <= 1:
+            raise UserError(f"--prune-step must be between 0 and 1 (got {self.step})")
+        if self.samples < 1:
+            raise UserError(f"--prune-samples must be >= 1 (got {self.samples})")
+
+
+def choose_removal(solver, cfg: ApoptosisConfig, goal: int, analysis: Analysis) -> tuple[dict[str, list[int]], float]:
+    """(group name -> channels to remove, the fraction used) for one pruning of `solver`: the
+    smallest fraction <= cfg.step that brings the parameters to `goal`, else cfg.step."""
+    orders = {}
+    if cfg.criterion in criteria.DATA_CRITERIA:
+        probe = probe_net(solver.net)
+        try:
+            if probe.inputs:
+                raise UserError(f"--prune-criterion {cfg.criterion} needs a data layer in the train net")
+            stats = criteria.collect_activations(probe, analysis.groups, cfg.samples)
+        finally:
+            probe.close()
+        for g in analysis.groups:
+            orders[g.name] = criteria.removal_order(cfg.criterion, stats=stats[g.name])
+    else:
+        weights = {layer.name: [t.detach().cpu().numpy() for t in layer.blobs] for layer in solver.net.layers}
+        for g in analysis.groups:
+            orders[g.name] = criteria.removal_order(cfg.criterion, criteria.weight_scores(g, weights, cfg.criterion))
+
+    def removal(ratio: float) -> dict[str, np.ndarray]:
+        out = {}
+        for g in analysis.groups:
+            chosen = criteria.choose(*orders[g.name], g.channels, ratio=ratio)
+            if chosen.size:
+                out[g.name] = chosen
+        return out
+
+    def size(ratio: float) -> int:
+        return parameter_count(solver.net, plan_cuts(analysis, removal(ratio)))
+
+    lo, hi = 0.0, cfg.step
+    if size(hi) < goal:
+        for _ in range(20):  # bisect for the smallest fraction that reaches the goal
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
+    return {k: v.tolist() for k, v in removal(hi).items()}, hi
+
+
+class Apoptosis:
+    """The trainer's pruning hook: call `after_iteration()` on every rank after each iteration."""
+
+    def __init__(self, cfg: ApoptosisConfig, trainer):
+        cfg.check()
+        if not hasattr(trainer.solver, "replace_nets"):
+            raise UserError("--prune-every needs the built-in engine (--backend engine); pruning a real Caffe "
+                            "solver during training is not supported")
+        if getattr(trainer.cfg, "fault_tolerance", "none") != "none":
+            raise UserError("--prune-every cannot be combined with --fault-tolerance (the recovery state would "
+                            "keep the unpruned shapes)")
+        self.cfg, self.trainer = cfg, trainer
+        nets = prototxt.solver_nets(trainer.param, trainer.cfg.solver)
+        self.net_param, self.net_source = nets.train, nets.train_source  # the train net as written, pruned so far
+        self.start_params = parameter_count(trainer.solver.net)
+        self.goal = round((1 - cfg.target) * self.start_params)
+        self.done = False
+        if trainer.comm.rank == 0:
+            log.info("Apoptosis: every %d iterations by %s, until %s parameters (%s now, target %g removed)",
+                     cfg.every, cfg.criterion, f"{self.goal:,}", f"{self.start_params:,}", cfg.target)
+
+    def after_iteration(self) -> None:
+        solver, comm = self.trainer.solver, self.trainer.comm
+        it = solver.iter
+        if self.done or it % self.cfg.every or it >= solver.param.max_iter:
+            return
+        analysis = analyze_solver(solver)
+        decision = comm.agreed(lambda: self._decide(analysis) if comm.rank == 0 else None)
+        removed, ratio = comm.bcast(decision, root=0)
+        if not removed:
+            self.done = True
+            return
+        before = {g.name: g.channels for g in analysis.groups}
+        cuts = prune_solver(solver, removed, analysis)
+        self.net_param = prune_net_param(self.net_param, cuts)
+        self.trainer.reducer = self.trainer.backend.make_reducer(self.trainer.plan.weight)
+        now = parameter_count(solver.net)
+        self.done = now <= self.goal
+        if comm.rank == 0:
+            shrunk = ", ".join(f"{name} {before[name]}->{before[name] - len(ch)}" for name, ch in removed.items())
+            log.info("Apoptosis at iteration %d: removed %.3g of each layer's channels (%s); net size %s "
+                     "parameters (%.2fx fewer than at the start)", it, ratio, shrunk, f"{now:,}",
+                     self.start_params / max(now, 1))
+            self._write_net(it)
+
+    def _write_net(self, it: int) -> None:
+        """Rank 0: the pruned train net, beside the snapshots, for loading them later."""
+        prefix = self.trainer.param.snapshot_prefix
+        path = f"{prefix}_iter_{it}.prototxt"
+        try:
+            write_bytes_atomic(path, prototxt.to_text(self.net_param).encode())
+        except OSError as e:
+            log.warning("Apoptosis: could not write the pruned net to %s: %s", path, e.strerror or e)
+            return
+        log.info("Apoptosis: the pruned net (from %s) is in %s", self.net_source, path)
+
+    def _decide(self, analysis: Analysis) -> tuple[dict[str, list[int]], float]:
+        if parameter_count(self.trainer.solver.net) <= self.goal or not analysis.groups:
+            return {}, 0.0
+        return choose_removal(self.trainer.solver, self.cfg, self.goal, analysis)

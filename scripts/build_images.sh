@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Build mpicaffe's container images with buildah (no Docker daemon, no registry needed).
+#
+#   scripts/build_images.sh [cpu] [gpu] [apptainer] [--print-tag]
+#
+# cpu (the default): docker/Dockerfile.cpu -> mpicaffe-cpu:<hash>, real Caffe + the built-in engine.
+# gpu: docker/Dockerfile.gpu -> mpicaffe-gpu:<hash>, a CUDA build of PyTorch (several GB).
+# apptainer: the CPU image as an OCI archive in build/images/, then `apptainer build` of
+#   docker/mpicaffe.def when apptainer is installed.
+# --print-tag: print the CPU image's name and exit (no build).
+#
+# <hash> covers every file that goes into an image, so an unchanged tree is not rebuilt
+# (`buildah images` already has the tag), and a rebuild reuses the cached heavy layers
+# (system packages, PyTorch, Caffe) unless docker/ or the install scripts changed.
+# The Debian base image (FROM docker.io/library/debian:bookworm) is made locally with
+# debootstrap from this machine's Debian mirror when it is not in buildah's store.
+# Wheels found on this machine (pip's find-links, local indexes) are handed to the build, so
+# PyTorch is not downloaded again; elsewhere pip fetches them from PyPI.
+# Needs root, buildah and debootstrap (Debian: apt-get install buildah debootstrap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BASE=docker.io/library/debian:bookworm
+SUITE=bookworm
+CPU_TORCH="torch==2.13.0"   # as scripts/setup.sh pins it: the CPU wheel where one lies on disk
+GPU_TORCH="torch==2.14.1"   # a CUDA build (PyPI's default torch for Linux x86_64)
+# vfs and chroot: what works as root inside an unprivileged container (no overlay mounts,
+# no runc namespaces); harmless elsewhere.
+BUILDAH=(buildah --storage-driver vfs)
+# The heavy build runs at low priority: CI machines are shared.
+NICE=(nice -n 19)
+
+say() { printf 'build_images: %s\n' "$*"; }
+die() { printf 'build_images: error: %s\n' "$*" >&2; exit 1; }
+
+targets=()
+print_tag=0
+for arg in "$@"; do
+  case "$arg" in
+    cpu|gpu|apptainer) targets+=("$arg") ;;
+    --print-tag) print_tag=1 ;;
+    -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) die "unknown argument: $arg (cpu, gpu, apptainer, --print-tag)" ;;
+  esac
+done
+((${#targets[@]})) || targets=(cpu)
+
+# The tag: a hash of the image's inputs, the build script included (it picks the wheels).
+# Generated and cached files (__pycache__, wheels) are left out.
+image_tag() {
+  local dockerfile="$1"
+  {
+    printf '%s\n' "$dockerfile" "$CPU_TORCH" "$GPU_TORCH"
+    find "$dockerfile" docker/.dockerignore scripts/build_images.sh scripts/install_caffe.sh \
+      pyproject.toml setup.py README.md mpicaffe prototxt \
+      -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-12
+}
+CPU_IMAGE="localhost/mpicaffe-cpu:$(image_tag docker/Dockerfile.cpu)"
+GPU_IMAGE="localhost/mpicaffe-gpu:$(image_tag docker/Dockerfile.gpu)"
+if ((print_tag)); then
+  echo "$CPU_IMAGE"
+  exit 0
+fi
+
+((EUID == 0)) || die "buildah here runs as root (vfs storage, chroot isolation); run with sudo"
+command -v buildah >/dev/null || die "buildah not found (Debian: apt-get install buildah)"
+
+have_image() { [[ -n "$("${BUILDAH[@]}" images -q "$1" 2>/dev/null)" ]]; }
+
+# The Debian mirror this machine's apt uses: the base image and Caffe's source come from it.
+debian_mirror() {
+  local uri
+  # shellcheck disable=SC2016  # $(REPO_URI) is apt's format field
+  uri="$(apt-get indextargets --format '$(REPO_URI)' 'Origin: Debian' 'Label: Debian' 2>/dev/null | head -n 1)"
+  echo "${uri:-http://deb.debian.org/debian/}"
+}
+
+ensure_base() {
+  have_image "$BASE" && return
+  command -v debootstrap >/dev/null || die "debootstrap not found (Debian: apt-get install debootstrap)"
+  local mirror root ctr mnt started=$SECONDS
+  mirror="$(debian_mirror)"
+  mirror="${mirror%/}"
+  root="$(mktemp -d /var/tmp/mpicaffe-rootfs.XXXXXX)"
+  # shellcheck disable=SC2064  # expand now
+  trap "rm -rf '$root'" EXIT
+  say "making $BASE with debootstrap from $mirror (a minute or two)"
+  "${NICE[@]}" debootstrap --variant=minbase "$SUITE" "$root" "$mirror" >"$root.log" 2>&1 || {
+    tail -n 20 "$root.log" >&2
+    die "debootstrap failed (log: $root.log)"
+  }
+  # The image's apt uses the same mirror as this machine (install_caffe.sh reads it from there).
+  printf 'deb %s %s main\ndeb %s %s-updates main\n' "$mirror" "$SUITE" "$mirror" "$SUITE" \
+    >"$root/etc/apt/sources.list"
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  ctr="$("${BUILDAH[@]}" from scratch)"
+  mnt="$("${BUILDAH[@]}" mount "$ctr")"
+  cp -a "$root/." "$mnt/"
+  "${BUILDAH[@]}" umount "$ctr" >/dev/null
+  "${BUILDAH[@]}" config --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
+  "${BUILDAH[@]}" commit --rm -q "$ctr" "$BASE" >/dev/null
+  rm -rf "$root" "$root.log"
+  trap - EXIT
+  say "made $BASE in $((SECONDS - started)) s"
+}
+
+# Put the wheels pip resolves for a requirement (from this machine's find-links or local
+# indexes when they have it, else PyPI) into a cache folder that the build mounts at /wheels:
+# mounted, not copied, so they never end up in a layer.
+WHEELS="${MPICAFFE_CACHE:-$HOME/.cache/mpicaffe}/wheels"
+stage_wheels() {
+  local deps="$2" req="$3" dest="$WHEELS/$1"
+  mkdir -p "$dest"
+  local py=python3
+  [[ -x .venv/bin/python ]] && py=.venv/bin/python
+  # This machine's Python stands for the image's: both are CPython 3.11 on x86_64 glibc Linux.
+  local flags=(--disable-pip-version-check -q --only-binary=:all: --dest "$dest")
+  [[ "$deps" == nodeps ]] && flags+=(--no-deps)
+  # pip warns about local index entries that lack this package; only failures matter here.
+  "$py" -m pip download "${flags[@]}" "$req" 2> >(grep -v "is ignored: it is neither" >&2) ||
+    die "pip download $req failed"
+}
+
+build() {
+  local dockerfile="$1" image="$2" torch="$3" wheels="$4"
+  if have_image "$image"; then
+    say "$image is up to date"
+    return
+  fi
+  local started=$SECONDS extra=(--volume "$wheels:/wheels:ro")
+  # Where this machine reaches PyPI through a TLS proxy, pip here trusts a CA bundle of its own;
+  # the build's pip gets the same bundle, mounted for RUN steps only, never stored in the image.
+  local ca="${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}"
+  if [[ -n "$ca" && -f "$ca" ]]; then
+    extra+=(--volume "$ca:/run/mpicaffe-build-ca.crt:ro" --build-arg PIP_CERT=/run/mpicaffe-build-ca.crt)
+  fi
+  say "building $image from $dockerfile (log: build/images/$(basename "$dockerfile").log)"
+  mkdir -p build/images
+  # --layers: unchanged steps (system packages, PyTorch, Caffe) come from the cache, so a change
+  # to mpicaffe's source only redoes the last steps.
+  if ! "${NICE[@]}" "${BUILDAH[@]}" bud --isolation chroot --pull=never --layers --force-rm \
+      --build-arg "TORCH_REQUIREMENT=$torch" "${extra[@]}" --ignorefile docker/.dockerignore -f "$dockerfile" -t "$image" . \
+      >"build/images/$(basename "$dockerfile").log" 2>&1; then
+    tail -n 40 "build/images/$(basename "$dockerfile").log" >&2
+    die "building $image failed (log: build/images/$(basename "$dockerfile").log)"
+  fi
+  "${BUILDAH[@]}" tag "$image" "${image%:*}:latest"
+  say "built $image in $((SECONDS - started)) s"
+  prune_old "$image"
+}
+
+# vfs keeps a full copy of the file system per layer: drop the images of earlier trees, then
+# the cached steps only they used (untagged images no other image builds on). The cached
+# steps under the new image stay.
+prune_old() {
+  local image="$1" old
+  for old in $("${BUILDAH[@]}" images --format '{{.Name}}:{{.Tag}}'); do
+    [[ "$old" == "${image%:*}:"* && "$old" != "$image" && "$old" != "${image%:*}:latest" ]] &&
+      "${BUILDAH[@]}" rmi "$old" >/dev/null
+  done
+  while [[ -n "$("${BUILDAH[@]}" rmi --prune 2>/dev/null)" ]]; do :; done
+}
+
+for target in "${targets[@]}"; do
+  case "$target" in
+    cpu)
+      have_image "$CPU_IMAGE" && { say "$CPU_IMAGE is up to date"; continue; }
+      ensure_base
+      stage_wheels cpu nodeps "$CPU_TORCH"
+      build docker/Dockerfile.cpu "$CPU_IMAGE" "$CPU_TORCH" "$WHEELS/cpu"
+      ;;
+    gpu)
+      have_image "$GPU_IMAGE" && { say "$GPU_IMAGE is up to date"; continue; }
+      ensure_base
+      # torch and its CUDA libraries (nvidia-* wheels), several GB
+      stage_wheels gpu deps "$GPU_TORCH"
+      build docker/Dockerfile.gpu "$GPU_IMAGE" "$GPU_TORCH" "$WHEELS/gpu"
+      ;;
+    apptainer)
+      have_image "$CPU_IMAGE" || die "build the CPU image first: scripts/build_images.sh cpu apptainer"
+      mkdir -p build/images
+      rm -f build/images/mpicaffe-cpu.oci.tar
+      "${BUILDAH[@]}" push -q "$CPU_IMAGE" oci-archive:build/images/mpicaffe-cpu.oci.tar:latest
+      say "wrote build/images/mpicaffe-cpu.oci.tar"
+      if command -v apptainer >/dev/null; then
+        (cd build/images && apptainer build --force mpicaffe-cpu.sif ../../docker/mpicaffe.def)
+        say "wrote build/images/mpicaffe-cpu.sif"
+      else
+        # Without apptainer, run the definition's %test section inside the image, as
+        # `apptainer build` would after unpacking the archive.
+        def_test="$(awk '/^%/ { on = ($1 == "%test") ; next } on' docker/mpicaffe.def)"
+        ctr="$("${BUILDAH[@]}" from --pull-never --quiet "$CPU_IMAGE")"
+        if ! "${BUILDAH[@]}" run --isolation chroot "$ctr" -- bash -euc "$def_test"; then
+          "${BUILDAH[@]}" rm "$ctr" >/dev/null
+          die "the %test section of docker/mpicaffe.def fails in $CPU_IMAGE"
+        fi
+        "${BUILDAH[@]}" rm "$ctr" >/dev/null
+        say "apptainer is not installed: ran the %test section of docker/mpicaffe.def in the image;"
+        say "on the cluster, copy build/images/mpicaffe-cpu.oci.tar and docker/mpicaffe.def into"
+        say "one folder and run: apptainer build mpicaffe-cpu.sif mpicaffe.def"
+      fi
+      ;;
+  esac
+done
