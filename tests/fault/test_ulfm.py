@@ -34,7 +34,7 @@ def _metrics(base, world_rank: int) -> str:
     return str(base) if world_rank == 0 else str(base).replace(".jsonl", f".rank{world_rank}.jsonl")
 
 
-# rank 0 (its duties move), the last rank, and a middle one with stall detection on as well
+# rank 0 (its duties move) and the last rank
 @pytest.mark.parametrize(("victim", "extra"), [(0, []), (2, [])])
 def test_survivors_recover_in_run_and_continue_as_a_fresh_smaller_run(tmp_path, victim, extra):
     x, y = datasets.load_digits()
