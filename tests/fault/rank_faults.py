@@ -2,6 +2,7 @@
 wedged node or a crashed process would, for the fault-tolerance tests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,3 +88,13 @@ class BackgroundMPI:
         output = self.text()
         stdout, stderr, untagged = parse_tagged(output)
         return MPIResult(self.proc.returncode, output, stdout, stderr, untagged)
+
+
+def losses_by_iteration(path) -> dict[int, float]:
+    """Iteration -> loss of a metrics file; an iteration redone after a fault keeps its last loss."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["iteration"]] = row["loss"]
+    return rows

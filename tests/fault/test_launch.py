@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from mpicaffe import prototxt, snapshot
-from tests.fault.rank_faults import BackgroundMPI
+from tests.fault.rank_faults import BackgroundMPI, losses_by_iteration
 from tests.mpi_harness import mpi_env, run_mpi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,16 +71,6 @@ def _lenet(folder, mnist, name, max_iter, snapshot_every=0, test_interval=0, det
     path = folder / f"{name}_solver.prototxt"
     prototxt.write_text(solver, str(path))
     return str(path)
-
-
-def _losses(path) -> dict[int, float]:
-    """Iteration -> loss from a metrics file; a redone iteration keeps its last loss."""
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            rows[row["iteration"]] = row["loss"]
-    return rows
 
 
 def _accuracy(log: str) -> float:
@@ -169,7 +159,7 @@ def test_kill_9_one_rank_of_three_under_launch_loses_at_most_one_interval(tmp_pa
     assert "--resume auto: resuming from" in log and "Recovered: relaunched on 3 rank(s), resumed at iteration 100" in log
     assert abs(_accuracy(log) - clean_accuracy) <= 0.005, (_accuracy(log), clean_accuracy)
     # the same seeds and the resumed data position: the relaunched job redid the fault-free run's iterations
-    got, want = _losses(metrics), _losses(clean_metrics)
+    got, want = losses_by_iteration(metrics), losses_by_iteration(clean_metrics)
     assert sorted(got) == list(range(iters))
     np.testing.assert_allclose([got[i] for i in range(iters)], [want[i] for i in range(iters)], rtol=1e-5, atol=1e-6)
 
@@ -243,11 +233,11 @@ def test_sigterm_snapshots_the_current_iteration_and_resuming_continues_the_traj
     log = result.rank_stderr(0)
     assert "Optimization stopped early." in log and "SIGTERM on 2 rank(s) (snapshot+stop)" in log
     stopped = _latest(tmp_path / "run")
-    assert stopped == len(_losses(metrics)) and 25 <= stopped < iters    # the iteration it stopped at
+    assert stopped == len(losses_by_iteration(metrics)) and 25 <= stopped < iters    # the iteration it stopped at
     assert os.path.exists(tmp_path / f"run_iter_{stopped}.solverstate")
 
     run_mpi(2, argv + ["--resume", "auto"], timeout=900)
-    got, want = _losses(metrics), _losses(ref_metrics)
+    got, want = losses_by_iteration(metrics), losses_by_iteration(ref_metrics)
     assert sorted(got) == list(range(iters))
     np.testing.assert_allclose([got[i] for i in range(iters)], [want[i] for i in range(iters)], rtol=1e-5, atol=1e-6)
 
@@ -278,10 +268,10 @@ def test_caffe_backend_sigterm_to_launch_then_resume_auto(tmp_path, mnist):
     assert status == 75, log
     assert "Got SIGTERM: asking the job to snapshot and stop" in log and "SIGUSR1 on 2 rank(s)" in log
     stopped = _latest(tmp_path / "run")
-    assert 10 <= stopped < iters and stopped == len(_losses(metrics))
+    assert 10 <= stopped < iters and stopped == len(losses_by_iteration(metrics))
 
     resumed = run_mpi(2, ["python", "-m", "mpicaffe", *train, "--resume", "auto"], timeout=900)
     assert f"--resume auto: resuming from {tmp_path}/run_iter_{stopped}.solverstate" in resumed.rank_stderr(0)
-    got, want = _losses(metrics), _losses(ref_metrics)
+    got, want = losses_by_iteration(metrics), losses_by_iteration(ref_metrics)
     assert sorted(got) == list(range(iters))
     np.testing.assert_allclose([got[i] for i in range(iters)], [want[i] for i in range(iters)], rtol=1e-5, atol=1e-6)

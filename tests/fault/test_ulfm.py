@@ -2,7 +2,6 @@
 middle of training; the survivors finish the run without a restart, keep identical weights, and
 from the recovery on train exactly as a fresh two-rank run resumed at that iteration with the same
 global batch."""
-import json
 import re
 import shutil
 
@@ -11,23 +10,13 @@ import pytest
 
 from mpicaffe import prototxt
 from mpicaffe.data import datasets
-from tests.fault.rank_faults import BackgroundMPI
+from tests.fault.rank_faults import BackgroundMPI, losses_by_iteration
 from tests.mpi.test_train_mpi import _setup
 from tests.mpi_harness import run_mpi
 
 GLOBAL_BATCH = 48   # 16 per rank on 3 ranks, 24 on 2
 ITERS = 120
 ULFM = ["--with-ft", "ulfm"]
-
-
-def _losses(path) -> dict[int, float]:
-    """Iteration -> loss of a metrics file; an iteration redone after a recovery keeps its last loss."""
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            rows[row["iteration"]] = row["loss"]
-    return rows
 
 
 def _metrics(base, world_rank: int) -> str:
@@ -75,8 +64,8 @@ def test_survivors_recover_in_run_and_continue_as_a_fresh_smaller_run(tmp_path, 
                 "--snapshot", str(tmp_path / f"ulfm_iter_{k}.solverstate"), "--metrics", str(ref_metrics)],
             timeout=300)
     for new_rank, world_rank in enumerate(survivors):
-        ulfm = _losses(_metrics(metrics, world_rank))
-        ref = _losses(_metrics(ref_metrics, new_rank))
+        ulfm = losses_by_iteration(_metrics(metrics, world_rank))
+        ref = losses_by_iteration(_metrics(ref_metrics, new_rank))
         assert sorted(ref) == list(range(k, ITERS))
         np.testing.assert_allclose([ulfm[i] for i in ref], [ref[i] for i in ref], rtol=1e-6, atol=1e-7)
     got, want = prototxt.read_net(str(final)).layer, prototxt.read_net(str(tmp_path / f"ref_iter_{ITERS}.caffemodel")).layer
