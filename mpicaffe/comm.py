@@ -95,8 +95,15 @@ class Communicator:
         return result
 
     def check_same(self, value: str, what: str) -> None:
-        """Collective: error on every rank if `value` (e.g. a hash) differs across ranks."""
-        values = self.allgather(value)
+        """Collective: error on every rank if `value` (e.g. a hash) differs across ranks.
+
+        The ranks' sha256 of `value` are gathered through a fixed-size buffer allreduce rather
+        than a pickled allgather: a rank dying mid-collective then surfaces as an MPI error
+        (which ULFM recovery handles), never as a half-received pickle."""
+        table = np.zeros((self.size, 32), dtype=np.int32)
+        table[self.rank] = np.frombuffer(hashlib.sha256(value.encode()).digest(), dtype=np.uint8)
+        self.Allreduce_sum(table)
+        values = [bytes(row.astype(np.uint8)).hex() for row in table]
         if len(set(values)) > 1:
             groups: dict[str, list[int]] = {}
             for r, v in enumerate(values):

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from mpicaffe.backends import caffe_available
-from mpicaffe.comm import Communicator
-from mpicaffe.errors import UserError
+from mpicaffe.comm import Communicator, RankError
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,13 @@ def ulfm_enabled() -> bool:
 def prepare(cfg, comm: Communicator) -> None:
     """Before the trainer is built: refuse what recovery cannot handle, and make MPI errors raise."""
     if cfg.backend == "caffe" or (cfg.backend == "auto" and caffe_available()):
-        raise UserError("--fault-tolerance ulfm needs the built-in engine (--backend engine): pycaffe's Net fixes "
+        # the same on every rank: each exits with status 1 rather than all calling MPI_Abort at
+        # once, which Open MPI's ULFM mode does not reliably turn into a failed job
+        raise RankError("--fault-tolerance ulfm needs the built-in engine (--backend engine): pycaffe's Net fixes "
                         "each Data layer's batch size and reader when it is built, so after a rank failure the "
                         "survivors could not take their larger share of the global batch or move to their new "
-                        "data shard without rebuilding the solver; use `mpicaffe launch` to relaunch instead")
+                        "data shard without rebuilding the solver; use `mpicaffe launch` to relaunch instead",
+                        comm.rank)
     if comm.size > 1 and not ulfm_enabled() and comm.rank == 0:
         log.warning("--fault-tolerance ulfm: this job was not started with `mpirun --with-ft ulfm`; a rank "
                     "failure will end it")
