@@ -90,6 +90,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg.resume, cfg.snapshot_every_minutes, cfg.keep_snapshots = (args.resume, args.snapshot_every_minutes,
                                                                    args.keep_snapshots)
     cfg.sigint_effect, cfg.sighup_effect = args.sigint_effect, args.sighup_effect
+    cfg.stage_data = args.stage_data
+    cfg.devices, cfg.balance, cfg.balance_iters = args.devices, args.balance, args.balance_iters
     try:
         stopped = trainer.train(cfg, comm).stopped_early
     except RankError:
@@ -170,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-cache", metavar="DIR",
                    help="with --backend caffe and several ranks: where each rank keeps its local copy of its data "
                         "shard (default $MPICAFFE_SHARD_CACHE, else <temporary folder>/mpicaffe-shards)")
+    p.add_argument("--devices", metavar="LIST",
+                   help="built-in engine: each rank's device, one per rank in rank order (cuda:0,cuda:1,cpu) or one "
+                        "for all (default: --gpu, or the solver's solver_mode by local rank)")
+    p.add_argument("--balance", choices=("none", "auto"), default="none",
+                   help="auto (built-in engine): after --balance-iters iterations, give each rank a batch "
+                        "proportional to its measured speed, keeping the global batch and the update")
+    p.add_argument("--balance-iters", type=int, default=10, metavar="K",
+                   help="iterations timed before --balance auto re-splits the batch (default 10)")
+    p.add_argument("--stage-data", metavar="DIR",
+                   help="copy each rank's shard of every LMDB (train and test Data layers) into DIR, node-local "
+                        "storage such as /dev/shm, before training and read it there; a later run with the same "
+                        "data and ranks reuses the copies (with --backend caffe: the shard cache folder)")
     p.add_argument("--fault-tolerance", choices=("none", "ulfm"), default="none",
                    help="ulfm (run under `mpirun --with-ft ulfm`, built-in engine): when a rank dies, the others "
                         "shrink to the survivors, redo the interrupted iteration with the same global batch and "
@@ -183,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--prune-criterion", default="apoptosis", choices=("l1", "l2", "activation", "apoptosis"),
                        help="how channels are ranked (default apoptosis: near-constant or duplicated neurons first)")
     prune.add_argument("--prune-target", type=float, default=0.75, metavar="F",
-                       help="stop once this fraction of the starting parameters is removed (default 0.75)")
+                       help="stop once this fraction of the starting parameters and multiply-adds is removed "
+                            "(default 0.75)")
     prune.add_argument("--prune-step", type=float, default=0.25, metavar="F",
                        help="largest fraction of each layer's channels removed at one time (default 0.25)")
     prune.add_argument("--prune-samples", type=int, default=5, metavar="N",

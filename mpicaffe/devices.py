@@ -37,3 +37,28 @@ def select_device(gpu: str | None, solver: caffe_pb2.SolverParameter | None = No
             return f"cuda:{(solver.device_id + local_rank) % torch.cuda.device_count()}"
         log.info("solver_mode is GPU but no CUDA device is available: using the CPU")
     return "cpu"
+
+
+def rank_device(devices: str, rank: int, size: int) -> str:
+    """This rank's device from `--devices`: one entry for every rank, or one per rank in rank
+    order (`cuda:0,cuda:1,cpu`). Entries are `cpu`, `cuda:N` or `cuda` (cuda:0); CUDA ids are
+    those of the rank's node."""
+    entries = [e.strip() for e in devices.split(",")]
+    if len(entries) not in (1, size):
+        raise UserError(f"--devices {devices}: give one device for all ranks or one per rank ({size}), "
+                        f"not {len(entries)}")
+    device = entries[0] if len(entries) == 1 else entries[rank]
+    if device == "cpu":
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"--devices {devices}: {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise UserError(f"--devices {devices}: rank {rank} is to use {device}, but no CUDA device is available "
+                        "to PyTorch on its node")
+    count = torch.cuda.device_count()
+    number = int(index or 0)
+    if number >= count:
+        raise UserError(f"--devices {devices}: rank {rank} is to use {device}, but its node has {count} CUDA "
+                        "device(s)")
+    return f"cuda:{number}"

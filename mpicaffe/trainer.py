@@ -69,6 +69,10 @@ class TrainConfig:
     keep_snapshots: int = 0             # > 0: delete all but the newest K snapshots of the manifest
     sigint_effect: str = "stop"         # Caffe's --sigint_effect: snapshot, stop or none
     sighup_effect: str = "snapshot"     # Caffe's --sighup_effect
+    stage_data: str | None = None       # copy each rank's LMDB shards here first (mpicaffe.data.staging)
+    devices: str | None = None          # per-rank devices "cuda:0,cpu,..." or one for all (mpicaffe.devices)
+    balance: str = "none"               # "auto": per-rank batches by measured speed (mpicaffe.balance)
+    balance_iters: int = 10             # iterations measured before balancing
 
 
 @dataclass
@@ -159,6 +163,22 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.Solv
     return original, run, plan
 
 
+def _check_heterogeneous(cfg: TrainConfig, backend: str) -> None:
+    """--devices and --balance need the built-in engine (and balancing, a fixed set of ranks)."""
+    if backend == "caffe" and cfg.devices:
+        raise UserError(f"--devices {cfg.devices}: the Caffe backend runs Caffe in CPU mode on every rank; use "
+                        "--backend engine for per-rank devices")
+    if cfg.balance == "auto":
+        if backend == "caffe":
+            raise UserError("--balance auto needs --backend engine: Caffe's Data layer fixes its batch size when "
+                            "the net is built, so a rank's batch cannot change during training")
+        if cfg.fault_tolerance == "ulfm":
+            raise UserError("--balance auto and --fault-tolerance ulfm cannot be combined yet: a recovery "
+                            "re-splits the global batch evenly")
+        if cfg.balance_iters < 1:
+            raise UserError(f"--balance-iters {cfg.balance_iters}: need at least one iteration to measure")
+
+
 class Reducer(Protocol):
     """Gradient averaging (mpicaffe.reducer), run from the solver's callbacks."""
 
@@ -223,6 +243,7 @@ class Trainer:
             if cfg.weights and cfg.snapshot:
                 raise UserError("give a snapshot to resume training or weights to finetune, but not both")
             backend = resolve_backend(cfg.backend)
+            _check_heterogeneous(cfg, backend)
             self.param, self.run_param, self.plan = prepare_solver(cfg, comm)
         except UserError as e:
             error = e
@@ -245,6 +266,11 @@ class Trainer:
         self._losses: deque[np.float32] = deque(maxlen=max(1, self.param.average_loss))
         self._smoothed = np.float32(0)
         self.recovery = None  # mpicaffe.elastic.TrainingState under --fault-tolerance ulfm
+        self.balancer = None
+        if cfg.balance == "auto" and comm.size > 1:
+            from mpicaffe.balance import Balancer
+
+            self.balancer = Balancer(self, cfg.balance_iters)
         self.apoptosis = None
         if cfg.apoptosis is not None:
             from mpicaffe.prune.apoptosis import Apoptosis
@@ -272,10 +298,14 @@ class Trainer:
                 with self.telemetry.phase("test", it):
                     self.test_all()
             self.telemetry.begin_iteration(it, self.backend, self.reducer)
+            if self.balancer is not None:
+                self.balancer.before_iteration()
             solver.step(1)
             self._smooth(np.float32(solver.loss))
             rate = learning_rate(self.run_param, it, self.backend.current_step, announce=False)[0]
             self.telemetry.end_iteration(it, self.backend, self.reducer, solver.loss, rate)
+            if self.balancer is not None:
+                self.balancer.after_iteration()
             if p.display and it % p.display == 0:
                 lapse = time.perf_counter() - display_timer
                 self._display(it, (it - display_from) / (lapse or 1), lapse, rate)
@@ -294,10 +324,19 @@ class Trainer:
             self.test_all()
         self.check_parameters_agree()
         self.control.uninstall()
+        self._log_data_wait(solver.iter - start_iter)
         if comm.rank == 0:
             log.info("Optimization stopped early." if self.stopped_early else "Optimization Done.")
         self.telemetry.close()
         self.backend.close()
+
+    def _log_data_wait(self, iterations: int) -> None:
+        """Collective: rank 0 logs the mean time per iteration the ranks waited for their train data."""
+        waits = self.comm.allgather(self.backend.timings["data"] / max(1, iterations))
+        if self.comm.rank == 0 and iterations:
+            slowest = int(np.argmax(waits))
+            log.info("Data wait per iteration: %.2f ms mean across ranks (%.2f ms on rank %d, the most)",
+                     1e3 * float(np.mean(waits)), 1e3 * waits[slowest], slowest)
 
     def _log_plan(self) -> None:
         plan, n = self.plan, self.comm.size

@@ -77,6 +77,7 @@ prefix="${prefix:-${MPICAFFE_CACHE:-$HOME/.cache/mpicaffe}/caffe-${CAFFE_VERSION
 case "$prefix" in /*) ;; *) prefix="$PWD/$prefix" ;; esac
 pkg_dir="$prefix/lib/python3/dist-packages"   # Debian's patch series installs pycaffe here
 stamp="$prefix/.mpicaffe-install-stamp"
+proto="$prefix/share/caffe/caffe.proto"   # Caffe's own schema, which tests compare ours against
 build_dir="$prefix/build"
 log_dir="$build_dir/logs"
 stamp_text="caffe ${CAFFE_VERSION} recipe ${RECIPE} python ${py_version} numpy ${numpy_major}"
@@ -96,7 +97,7 @@ if command -v flock >/dev/null; then
 fi
 
 installed_ok() {
-  [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_text" && -x "$prefix/bin/caffe" ]] &&
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_text" && -x "$prefix/bin/caffe" && -f "$proto" ]] &&
     env -u LD_LIBRARY_PATH PYTHONPATH="$pkg_dir" "$PY" -c 'import caffe' >/dev/null 2>&1
 }
 
@@ -323,6 +324,7 @@ rm -rf "${prefix:?}"/{bin,lib,include,share,python} "$stamp"
 # Caffe's CMake sets the install RPATH to the prefix's lib and every library
 # directory it linked from, so nothing needs LD_LIBRARY_PATH.
 run_logged install make -C "$obj_dir" install
+install -D -m 644 "$src_dir/src/caffe/proto/caffe.proto" "$proto"
 [[ -f "$pkg_dir/caffe/_caffe.so" ]] || die "pycaffe was not installed (see $log_dir/make.log)"
 env -u LD_LIBRARY_PATH PYTHONPATH="$pkg_dir" "$PY" -c 'import caffe' >"$log_dir/import.log" 2>&1 || {
   tail -n 20 "$log_dir/import.log" >&2

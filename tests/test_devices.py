@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mpicaffe.devices import select_device
+from mpicaffe.devices import rank_device, select_device
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
@@ -27,3 +27,21 @@ def test_gpu_lists_are_spread_over_local_ranks(monkeypatch):
         select_device("7")
     with pytest.raises(UserError, match="comma-separated GPU ids"):
         select_device("x")
+
+
+def test_devices_gives_each_rank_its_entry_or_one_for_all(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [rank_device("cuda:0,cuda:1,cpu", r, 3) for r in range(3)] == ["cuda:0", "cuda:1", "cpu"]
+    assert [rank_device("cpu", r, 4) for r in range(4)] == ["cpu"] * 4
+    assert rank_device("cuda", 1, 2) == "cuda:0"
+    with pytest.raises(UserError, match="one device for all ranks or one per rank \\(3\\), not 2"):
+        rank_device("cpu,cpu", 0, 3)
+    with pytest.raises(UserError, match="'gpu1' is not"):
+        rank_device("gpu1,cpu", 0, 2)
+    with pytest.raises(UserError, match="rank 0 is to use cuda:2, but its node has 2"):
+        rank_device("cuda:2,cpu", 0, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("cuda:0,cpu", 1, 2) == "cpu"
+    with pytest.raises(UserError, match="no CUDA device is available"):
+        rank_device("cuda:0,cpu", 0, 2)

@@ -814,13 +814,9 @@ def _caffe_proto_source() -> Path | None:
     env = os.environ.get("MPICAFFE_CAFFE_PROTO")
     if env:
         return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpicaffe"
-    for depth in range(4):
-        pattern = str(cache / ("*/" * depth) / "src/caffe/proto/caffe.proto")
-        found = sorted(glob.glob(pattern))
-        if found:
-            return Path(found[0])
-    return None
+    cache = Path(os.environ.get("MPICAFFE_CACHE", Path.home() / ".cache" / "mpicaffe"))
+    found = sorted(glob.glob(str(cache / "caffe-*/share/caffe/caffe.proto")))  # scripts/install_caffe.sh
+    return Path(found[0]) if found else None
 
 
 def _compile(proto: Path, tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:

@@ -99,7 +99,7 @@ class CaffeTraining:
         if comm.size > 1 and cfg.snapshot:
             resume = comm.bcast(resume, root=0)
         self.current_step = resume.current_step if resume else 0
-        if comm.size > 1:
+        if comm.size > 1 or cfg.stage_data:
             comm.agreed(lambda: self._read_local_shards(resume.iter if resume else 0))
         self.solver: CaffeSolver = comm.agreed(lambda: CaffeSolver(cfg.solver, self.run_param))
         comm.agreed(lambda: self._load_start_state(resume))
@@ -139,8 +139,9 @@ class CaffeTraining:
                     p = lp.image_data_param
                     copy = shard_cache.list_shard
                 try:
+                    # --stage-data is where the shard copies go (they are always made)
                     path, (start, end), reused = copy(p.source, rank, size, batches * p.batch_size,
-                                                      self.cfg.shard_cache)
+                                                      self.cfg.stage_data or self.cfg.shard_cache)
                 except UserError as e:
                     raise UserError(f"layer '{lp.name}': {lp.type} source {p.source}: {e}") from None
                 if is_train and end - start < p.batch_size:

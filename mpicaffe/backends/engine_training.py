@@ -4,7 +4,8 @@ The engine keeps parameters, gradients and solver history in flat buffers, so th
 broadcast with one Bcast per buffer, the checksum hashes one buffer, and gradients are averaged
 in buckets started while backward runs (BucketReducer) or in one allreduce (FusedReducer). Its
 data layers seek to the rank's shard themselves (`set_shard`) and, on resume, skip what the
-interrupted run had read (`skip_records`).
+interrupted run had read (`skip_records`); with `--stage-data` they read a node-local copy of
+the shard instead (`read_staged`, mpicaffe.data.staging).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_values
 from mpicaffe.comm import Communicator
-from mpicaffe.data import sharding
-from mpicaffe.devices import select_device
+from mpicaffe.data import sharding, staging
+from mpicaffe.devices import rank_device, select_device
+from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.reducer import BucketReducer, FusedReducer
 
@@ -40,18 +42,25 @@ class EngineTraining:
     def __init__(self, cfg: TrainConfig, comm: Communicator, param: caffe_pb2.SolverParameter,
                  run_param: caffe_pb2.SolverParameter):
         self.cfg, self.comm, self.param, self.run_param = cfg, comm, param, run_param
+        self.staged: list[staging.StagedShard] = []
         self.solver: Solver = comm.agreed(self._build)
+        self._log_staging()
         self._broadcast_state()
         self._skip_read_records()
 
     def _build(self) -> Solver:
         cfg, comm = self.cfg, self.comm
-        solver = get_solver(self.run_param, cfg.solver, device=select_device(cfg.gpu, self.param, comm.local_rank),
-                            rank=comm.rank)
+        if cfg.devices:
+            if cfg.gpu is not None:
+                raise UserError("give --gpu or --devices, not both")
+            device = rank_device(cfg.devices, comm.rank, comm.size)
+        else:
+            device = select_device(cfg.gpu, self.param, comm.local_rank)
+        solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank)
         # the trainer never reads intermediate blob diffs: do not keep them (Caffe's debug_info would)
         solver.net.retain_diffs = bool(self.param.debug_info)
-        if comm.size > 1:
-            _shard_data(solver, comm.rank, comm.size)
+        if comm.size > 1 or cfg.stage_data:
+            self.staged = _shard_data(solver, comm.rank, comm.size, cfg.stage_data)
         if comm.rank == 0:
             if cfg.weights:
                 for path in (w.strip() for w in cfg.weights.split(",")):
@@ -61,6 +70,18 @@ class EngineTraining:
                 log.info("Resuming from %s", cfg.snapshot)
                 solver.restore(cfg.snapshot)
         return solver
+
+    def _log_staging(self) -> None:
+        """--stage-data: rank 0 logs what every rank copied or reused, and how long it took."""
+        if not self.cfg.stage_data:
+            return
+        reports = self.comm.allgather((staging.describe(self.comm.rank, self.staged),
+                                       sum(s.seconds for s in self.staged)))
+        if self.comm.rank == 0:
+            log.info("Staged data in %s: %.2f s on the slowest rank", self.cfg.stage_data,
+                     max(seconds for _, seconds in reports))
+            for line, _ in reports:
+                log.info("  %s", line)
 
     def _broadcast_state(self) -> None:
         """Make every rank start from rank 0's weights, solver history and iteration."""
@@ -96,7 +117,7 @@ class EngineTraining:
         for layer in solver.net.layers:
             if hasattr(layer, "set_shard"):
                 layer.batch_size = local_batch
-        _shard_data(solver, comm.rank, comm.size)
+        self.staged = _shard_data(solver, comm.rank, comm.size, self.cfg.stage_data)
         for net in nets:
             for layer in net.layers:
                 if hasattr(layer, "skip_records"):
@@ -133,8 +154,11 @@ class EngineTraining:
             net.close()
 
 
-def _shard_data(solver: Solver, rank: int, size: int) -> None:
-    """Give each rank its contiguous shard of every database; a train shard must hold a batch."""
+def _shard_data(solver: Solver, rank: int, size: int, stage_dir: str | None = None) -> list[staging.StagedShard]:
+    """Give each rank its contiguous shard of every database; a train shard must hold a batch.
+    With `stage_dir`, each LMDB shard is copied there (or an earlier copy reused) and read from
+    there; returns the staged copies."""
+    staged = []
     for net in [solver.net, *solver.test_nets]:
         for layer in net.layers:
             if not hasattr(layer, "set_shard"):
@@ -144,3 +168,8 @@ def _shard_data(solver: Solver, rank: int, size: int) -> None:
             if net is solver.net and end - start < layer.batch_size:
                 raise layer.error(f"rank {rank}'s shard holds {end - start} records, fewer than one batch "
                                   f"({layer.batch_size}); use fewer ranks or a smaller batch")
+            if stage_dir and hasattr(layer, "read_staged"):
+                shard = staging.stage_lmdb(layer.source_db, rank, size, stage_dir)
+                layer.read_staged(shard.path)
+                staged.append(shard)
+    return staged

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mpicaffe.backends.engine.net import Net
+from mpicaffe.info import MULTIPLY_ADD_TYPES
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune.dependencies import Analysis, PhaseView, analyze
 from mpicaffe.prune.surgery import Cuts, cut_array, cut_shape, plan_cuts, prune_history, prune_net_param
@@ -24,6 +25,26 @@ def analyze_solver(solver) -> Analysis:
 def parameter_count(net: Net, cuts: Cuts | None = None) -> int:
     """Learnable parameters the net owns (BatchNorm statistics included), after `cuts` if given."""
     return sum(int(np.prod(cut_shape(i.shape, i.layer, i.index, cuts) if cuts else i.shape)) for i in net.param_infos)
+
+
+def multiply_add_count(net: Net, cuts: Cuts | None = None) -> int:
+    """Multiply-adds per sample of the net's Convolution, Deconvolution and InnerProduct layers
+    (as `mpicaffe info` counts them), after `cuts` if given: every weight meets each output
+    position once (each input position for a Deconvolution), and cuts leave positions unchanged."""
+    total = 0
+    for info in net.param_infos:
+        layer = net.layer(info.layer)
+        if info.index != 0 or layer.type not in MULTIPLY_ADD_TYPES:
+            continue
+        if layer.type == "Deconvolution":
+            positions = net.blobs[layer.param.bottom[0]].shape[2:]
+        elif layer.type == "InnerProduct":
+            positions = net.blobs[layer.param.top[0]].shape[1:-1]  # the axes between the batch and num_output
+        else:
+            positions = net.blobs[layer.param.top[0]].shape[2:]
+        shape = cut_shape(info.shape, info.layer, 0, cuts) if cuts else info.shape
+        total += int(np.prod(shape)) * int(np.prod(positions))
+    return total
 
 
 def rebuild_net(old: Net, cuts: Cuts) -> Net:

@@ -231,7 +231,9 @@ def test_sigterm_snapshots_the_current_iteration_and_resuming_continues_the_traj
         job.kill()
     assert result.returncode == 75, result.output
     log = result.rank_stderr(0)
-    assert "Optimization stopped early." in log and "SIGTERM on 2 rank(s) (snapshot+stop)" in log
+    assert "Optimization stopped early." in log
+    # the two signals can straddle an iteration boundary: the ranks act on whichever arrived first
+    assert re.search(r"SIGTERM on [12] rank\(s\) \(snapshot\+stop\)", log), log
     stopped = _latest(tmp_path / "run")
     assert stopped == len(losses_by_iteration(metrics)) and 25 <= stopped < iters    # the iteration it stopped at
     assert os.path.exists(tmp_path / f"run_iter_{stopped}.solverstate")

@@ -20,6 +20,7 @@ from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune.apoptosis import ApoptosisConfig
 from mpicaffe.prune.live import analyze_solver, parameter_count, prune_solver
 from mpicaffe.prune.model import PrunableModel
+from mpicaffe.prune.surgery import plan_cuts
 from tests.parity import solver_setup
 
 SOLVER = 'type: "Adam" base_lr: 0.05 momentum: 0.9 momentum2: 0.999 lr_policy: "fixed" weight_decay: 0.001'
@@ -93,3 +94,45 @@ def test_apoptosis_options_are_checked():
         ApoptosisConfig(every=5, target=1.5).check()
     with pytest.raises(UserError, match="--prune-every"):
         ApoptosisConfig(every=0).check()
+
+
+def test_multiply_add_count_matches_the_report_and_the_cut_net():
+    from mpicaffe.prune.live import multiply_add_count, rebuild_net
+    from mpicaffe.prune.report import net_costs
+    from tests.prune import nets
+    from tests.prune.test_surgery import load
+
+    model = load()
+    net = model.nets[caffe_pb2.TEST]
+    assert multiply_add_count(net) == sum(c.macs for c in net_costs(net)) > 0
+    analysis = analyze_solver(type("S", (), {"net": net, "test_nets": []})())
+    assert {g.name for g in analysis.groups} == nets.PRUNABLE
+    cuts = plan_cuts(analysis, {"conv1": np.array([1, 6]), "conv3+conv3s": np.array([0, 3, 9]), "ip1": np.array([4])})
+    smaller = rebuild_net(net, cuts)
+    assert multiply_add_count(net, cuts) == multiply_add_count(smaller) == sum(c.macs for c in net_costs(smaller))
+    assert multiply_add_count(smaller) < multiply_add_count(net)
+    model.close()
+    smaller.close()
+
+
+def test_apoptosis_goes_on_until_the_multiply_adds_reach_the_target_too():
+    from mpicaffe.prune.apoptosis import Size, choose_removal
+    from tests.prune.test_surgery import load
+
+    model = load()
+    net = model.nets[caffe_pb2.TEST]
+    solver = type("S", (), {"net": net, "test_nets": []})()
+    analysis = analyze_solver(solver)
+    start = Size.of(net)
+    cfg = ApoptosisConfig(every=1, criterion="l1", step=1.0)
+    # the parameters alone already meet this goal: nothing to remove
+    removed, _ = choose_removal(solver, cfg, Size(start.params, start.macs), analysis)
+    assert removed == {}
+    # half the multiply-adds must go, however few parameters that takes
+    removed, ratio = choose_removal(solver, cfg, Size(start.params, start.macs // 2), analysis)
+    after = Size.of(net, plan_cuts(analysis, {k: np.array(v) for k, v in removed.items()}))
+    assert after.macs <= start.macs // 2 and 0 < ratio < 1
+    # a size is within a goal when both measures are
+    assert not start.within(Size(start.params, start.macs // 2)) and after.within(Size(start.params, start.macs // 2))
+    assert not Size(start.params + 1, 0).within(start)
+    model.close()

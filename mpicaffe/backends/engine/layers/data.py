@@ -460,6 +460,7 @@ class DataLayer(_PrefetchingLayer):
         self.bounds = (0, self.count)
         self.seek_method: str | None = None
         self.records_done = 0
+        self.source_db, self.source_count = self.db_path, self.count  # db_path moves to a staged copy
 
     def skip_records(self, n: int) -> None:
         """Start `n` records into the shard (wrapping), as if `n` records had been read already:
@@ -477,11 +478,23 @@ class DataLayer(_PrefetchingLayer):
         torch.initial_seed() and `rank`.
         """
         self._check_not_started("set_shard")
+        self.db_path, self.count = self.source_db, self.source_count
         try:
             self.bounds = sharding.shard_bounds(self.count, rank, size)
         except UserError as e:
             raise self.error(f"data_param.source {self.db_path}: {e}") from None
         self.rank, self.shard_size = rank, size
+
+    def read_staged(self, path: str) -> None:
+        """Read a local copy holding exactly this rank's shard (mpicaffe.data.staging) instead of
+        the source; records and random draws are those of the shard. Call after `set_shard`."""
+        self._check_not_started("read_staged")
+        start, end = self.bounds
+        with lmdb_io.shared_env(path, lambda message: self.error(f"staged copy: {message}")) as env:
+            count = env.stat()["entries"]
+        if count != end - start:
+            raise self.error(f"staged copy {path} holds {count} records, not the shard's {end - start}")
+        self.db_path, self.count, self.bounds = path, count, (0, count)
 
     def _make_batches(self) -> Callable[[], Iterator]:
         start, end = self.bounds
@@ -500,7 +513,7 @@ class DataLayer(_PrefetchingLayer):
             if skip:
                 sharding.seek_record(cursor, start + skip, self.count)
                 first_key = bytes(cursor.key())
-        if self.shard_size > 1:
+        if self.shard_size > 1 or self.db_path != self.source_db:
             log.info("layer '%s': rank %d of %d reads records %d..%d of %d in %s (found by %s)", self.name,
                      self.rank, self.shard_size, start, end - 1, self.count, self.db_path, self.seek_method)
         return _LmdbBatches(self.db_path, start_key, start, end, first_key, start + skip, self.batch_size,
