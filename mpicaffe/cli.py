@@ -104,7 +104,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             comm.abort(1)
         raise
-    return STOPPED_EXIT_CODE if stopped else 0
+    code = STOPPED_EXIT_CODE if stopped else 0
+    if comm.shrunk:
+        comm.exit_without_finalize(code)
+    return code
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ def _metrics(base, world_rank: int) -> str:
     return str(base) if world_rank == 0 else str(base).replace(".jsonl", f".rank{world_rank}.jsonl")
 
 
-# rank 0 (its duties move) and the last rank
-@pytest.mark.parametrize(("victim", "extra"), [(0, []), (2, [])])
+# rank 0 (its duties move), the last rank, and a middle one with stall detection on as well
+@pytest.mark.parametrize(("victim", "extra"), [(0, []), (2, []), (1, ["--stall-timeout", "10"])])
 def test_survivors_recover_in_run_and_continue_as_a_fresh_smaller_run(tmp_path, victim, extra):
     x, y = datasets.load_digits()
     solver = _setup(tmp_path, "ulfm", x[:960], y[:960], 16, max_iter=ITERS)
