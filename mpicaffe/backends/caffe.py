@@ -93,11 +93,24 @@ class CaffeSolver:
     """
 
     def __init__(self, solver_path: str, param: caffe_pb2.SolverParameter | None = None):
-        caffe = import_caffe()
         if param is None:
             if not os.path.isfile(solver_path):
                 raise UserError(f"{solver_path}: solver file not found")
             param = prototxt.read_solver(solver_path)
+        self.solver_path = solver_path
+        self._callbacks: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self._build(param)
+
+    def rebuild(self, param: caffe_pb2.SolverParameter) -> None:
+        """Continue with a new pycaffe solver for `param` (pruning during training shrinks the
+        nets): the callbacks added so far carry over; its weights and state are the caller's."""
+        self._build(param)
+        for callbacks in self._callbacks:
+            self._solver.add_callback(*callbacks)
+
+    def _build(self, param: caffe_pb2.SolverParameter) -> None:
+        caffe = import_caffe()
+        solver_path = self.solver_path
         self.param = solver_for_caffe(param, solver_path)
         _check_solver(self.param, solver_path)
         caffe.set_mode_cpu()
@@ -133,6 +146,7 @@ class CaffeSolver:
     def add_callback(self, on_start: Callable[[], None], on_gradients_ready: Callable[[], None]) -> None:
         """pycaffe's add_callback: `on_start` before each iteration's forward passes,
         `on_gradients_ready` after all iter_size backward passes, before the update."""
+        self._callbacks.append((on_start, on_gradients_ready))
         self._solver.add_callback(on_start, on_gradients_ready)
 
     def apply_update(self) -> None:
@@ -142,6 +156,10 @@ class CaffeSolver:
     def snapshot(self) -> tuple[str, str]:
         """Caffe's Solver::Snapshot; returns the (weights, solver state) paths it wrote."""
         self._solver.snapshot()
+        return self.snapshot_paths()
+
+    def snapshot_paths(self) -> tuple[str, str]:
+        """The (weights, solver state) paths a snapshot of the current iteration has."""
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
         stem = f"{self.param.snapshot_prefix}_iter_{self.iter}"
         return (stem + ".caffemodel.h5", stem + ".solverstate.h5") if hdf5 else (stem + ".caffemodel",

@@ -91,6 +91,9 @@ class CaffeTraining:
             # rank 0 alone logs, Caffe's own INFO lines included (glog reads this when Caffe loads)
             os.environ.setdefault("GLOG_minloglevel", "1")
         self.cfg, self.comm, self.param = cfg, comm, param
+        # the solver as prepared (its data sources unsharded), and as this rank's Caffe runs it
+        self.source_param = caffe_pb2.SolverParameter()
+        self.source_param.CopyFrom(run_param)
         self.run_param = caffe_pb2.SolverParameter()
         self.run_param.CopyFrom(run_param)
         self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
@@ -153,10 +156,23 @@ class CaffeTraining:
                 if lp.type == "Data":
                     p.backend = caffe_pb2.DataParameter.LMDB
 
+    def rebuild(self, param: caffe_pb2.SolverParameter, state: ResumeState) -> None:
+        """Collective: continue from `state` with `param`, the solver with its nets pruned
+        (mpicaffe.prune.apoptosis). Each rank re-reads its shards from the current iteration, as a
+        resumed run does, builds a new pycaffe solver and restores the state into it."""
+        self.source_param = param
+        self.run_param = caffe_pb2.SolverParameter()
+        self.run_param.CopyFrom(param)
+        self.comm.agreed(lambda: self._read_local_shards(state.iter))
+        self.comm.agreed(lambda: self.solver.rebuild(self.run_param))
+        self.comm.agreed(lambda: self._load_start_state(state))
+        self.current_step = state.current_step
+        self._time_layers()
+
     def _load_start_state(self, resume: ResumeState | None) -> None:
         solver = self.solver
         if resume is not None:
-            self._scratch = tempfile.mkdtemp(prefix="mpicaffe-resume-")
+            self._scratch = self._scratch or tempfile.mkdtemp(prefix="mpicaffe-resume-")
             state = caffe_pb2.SolverState.FromString(resume.state)
             self._check_history(state)
             if resume.weights is not None:

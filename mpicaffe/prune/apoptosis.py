@@ -1,4 +1,4 @@
-"""Adaptive apoptosis during `mpicaffe train` (built-in engine): the net shrinks as it trains.
+"""Adaptive apoptosis during `mpicaffe train` (either backend): the net shrinks as it trains.
 
 Every `every` iterations, until the net has lost `target` of its starting parameters and of its
 multiply-adds per sample, rank 0 ranks each prunable group's channels by the criterion and
@@ -18,14 +18,19 @@ size, so the log records the size over time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpicaffe import prototxt
 from mpicaffe.atomic import write_bytes_atomic
+from mpicaffe.backends.engine.solver import get_solver
 from mpicaffe.errors import UserError
+from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune import criteria
 from mpicaffe.prune.dependencies import Analysis
 from mpicaffe.prune.live import analyze_solver, multiply_add_count, parameter_count, probe_net, prune_solver
@@ -113,34 +118,49 @@ def choose_removal(solver, cfg: ApoptosisConfig, goal: Size, analysis: Analysis)
 
 
 class Apoptosis:
-    """The trainer's pruning hook: call `after_iteration()` on every rank after each iteration."""
+    """The trainer's pruning hook: call `after_iteration()` on every rank after each iteration.
+
+    On real Caffe (`--backend caffe`), whose solver cannot shrink in place, each pruning goes
+    through a snapshot: rank 0 writes one, loads it into the built-in engine's solver for the nets
+    as pruned so far (the mirror), decides and cuts there as above, and broadcasts the cuts and
+    the pruned weights and history; every rank then builds a smaller pycaffe solver and restores
+    them into it (CaffeTraining.rebuild).
+    """
 
     def __init__(self, cfg: ApoptosisConfig, trainer):
         cfg.check()
-        if not hasattr(trainer.solver, "replace_nets"):
-            raise UserError("--prune-every needs the built-in engine (--backend engine); pruning a real Caffe "
-                            "solver during training is not supported")
         if getattr(trainer.cfg, "fault_tolerance", "none") != "none":
             raise UserError("--prune-every cannot be combined with --fault-tolerance (the recovery state would "
                             "keep the unpruned shapes)")
         self.cfg, self.trainer = cfg, trainer
+        self.caffe = not hasattr(trainer.solver, "replace_nets")
         nets = prototxt.solver_nets(trainer.param, trainer.cfg.solver)
         self.net_param, self.net_source = nets.train, nets.train_source  # the train net as written, pruned so far
-        self.start = Size.of(trainer.solver.net)
-        self.goal = Size(round((1 - cfg.target) * self.start.params), round((1 - cfg.target) * self.start.macs))
         self.done = False
-        if trainer.comm.rank == 0:
-            log.info("Apoptosis: every %d iterations by %s, until %s parameters and %s multiply-adds per sample "
-                     "(%s and %s now, target %g removed)", cfg.every, cfg.criterion, f"{self.goal.params:,}",
-                     f"{self.goal.macs:,}", f"{self.start.params:,}", f"{self.start.macs:,}", cfg.target)
+        if trainer.comm.rank != 0:
+            return  # rank 0 decides; with real Caffe it alone holds the sizes
+        if self.caffe:
+            with _quiet_engine(), tempfile.TemporaryDirectory(prefix="mpicaffe-apoptosis-") as scratch:
+                mirror = self._mirror(scratch)
+                self.start = Size.of(mirror.net)
+                _close(mirror)
+        else:
+            self.start = Size.of(trainer.solver.net)
+        self.goal = Size(round((1 - cfg.target) * self.start.params), round((1 - cfg.target) * self.start.macs))
+        log.info("Apoptosis: every %d iterations by %s, until %s parameters and %s multiply-adds per sample "
+                 "(%s and %s now, target %g removed)", cfg.every, cfg.criterion, f"{self.goal.params:,}",
+                 f"{self.goal.macs:,}", f"{self.start.params:,}", f"{self.start.macs:,}", cfg.target)
 
     def after_iteration(self) -> None:
         solver, comm = self.trainer.solver, self.trainer.comm
         it = solver.iter
         if self.done or it % self.cfg.every or it >= solver.param.max_iter:
             return
+        if self.caffe:
+            self._prune_caffe(it)
+            return
         analysis = analyze_solver(solver)
-        decision = comm.agreed(lambda: self._decide(analysis) if comm.rank == 0 else None)
+        decision = comm.agreed(lambda: self._decide(solver, analysis) if comm.rank == 0 else None)
         removed, ratio = comm.bcast(decision, root=0)
         if not removed:
             self.done = True
@@ -149,15 +169,69 @@ class Apoptosis:
         cuts = prune_solver(solver, removed, analysis)
         self.net_param = prune_net_param(self.net_param, cuts)
         self.trainer.reducer = self.trainer.backend.make_reducer(self.trainer.plan.weight)
-        now = Size.of(solver.net)
-        self.done = now.within(self.goal)
         if comm.rank == 0:
-            shrunk = ", ".join(f"{name} {before[name]}->{before[name] - len(ch)}" for name, ch in removed.items())
-            log.info("Apoptosis at iteration %d: removed %.3g of each layer's channels (%s); net size %s "
-                     "parameters (%.2fx fewer than at the start), %s multiply-adds per sample (%.2fx fewer)", it,
-                     ratio, shrunk, f"{now.params:,}", self.start.params / max(now.params, 1), f"{now.macs:,}",
-                     self.start.macs / max(now.macs, 1))
+            now = Size.of(solver.net)
+            self.done = now.within(self.goal)
+            log.info(self._report(it, ratio, before, removed, now))
             self._write_net(it)
+        self.done = comm.bcast(self.done, root=0)
+
+    def _prune_caffe(self, it: int) -> None:
+        """Real Caffe: snapshot, prune the snapshot's state in the mirror, rebuild and restore."""
+        trainer, comm = self.trainer, self.trainer.comm
+        trainer.snapshot()  # Caffe's solver history can only be read from a snapshot (rank 0 writes it)
+        decision = comm.bcast(comm.agreed(lambda: self._decide_caffe(it) if comm.rank == 0 else None), root=0)
+        if decision is None:
+            self.done = True
+            return
+        cuts, state, self.done, report = decision
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(trainer.backend.source_param)
+        param.train_net_param.CopyFrom(prune_net_param(param.train_net_param, cuts))
+        for net in param.test_net_param:
+            net.CopyFrom(prune_net_param(net, cuts))
+        trainer.backend.rebuild(param, state)
+        trainer.reducer = trainer.backend.make_reducer(trainer.plan.weight)
+        self.net_param = prune_net_param(self.net_param, cuts)
+        if comm.rank == 0:
+            log.info(report)
+            self._write_net(it)
+
+    def _decide_caffe(self, it: int):
+        """Rank 0: (cuts, pruned ResumeState, target reached, report) from the snapshot just
+        written, or None when nothing is to be removed."""
+        from mpicaffe.backends.caffe_training import read_resume_state
+
+        _, state_path = self.trainer.solver.snapshot_paths()
+        with _quiet_engine(), tempfile.TemporaryDirectory(prefix="mpicaffe-apoptosis-") as scratch:
+            mirror = self._mirror(scratch)
+            try:
+                mirror.restore(state_path)
+                analysis = analyze_solver(mirror)
+                removed, ratio = self._decide(mirror, analysis)
+                if not removed:
+                    return None
+                before = {g.name: g.channels for g in analysis.groups}
+                cuts = prune_solver(mirror, removed, analysis)
+                now = Size.of(mirror.net)
+                state = read_resume_state(mirror.snapshot()[1])
+            finally:
+                _close(mirror)
+        return cuts, state, now.within(self.goal), self._report(it, ratio, before, removed, now)
+
+    def _mirror(self, scratch: str):
+        """The built-in engine's solver for the nets as real Caffe runs them now (data sources
+        unsharded), on the CPU, snapshotting into `scratch`."""
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(self.trainer.backend.source_param)
+        param.snapshot_prefix = os.path.join(scratch, "pruned")
+        return get_solver(param, self.trainer.cfg.solver)
+
+    def _report(self, it: int, ratio: float, before: dict[str, int], removed: dict[str, list[int]], now: Size) -> str:
+        shrunk = ", ".join(f"{name} {before[name]}->{before[name] - len(ch)}" for name, ch in removed.items())
+        return (f"Apoptosis at iteration {it}: removed {ratio:.3g} of each layer's channels ({shrunk}); net size "
+                f"{now.params:,} parameters ({self.start.params / max(now.params, 1):.2f}x fewer than at the start), "
+                f"{now.macs:,} multiply-adds per sample ({self.start.macs / max(now.macs, 1):.2f}x fewer)")
 
     def _write_net(self, it: int) -> None:
         """Rank 0: the pruned train net, beside the snapshots, for loading them later."""
@@ -170,7 +244,24 @@ class Apoptosis:
             return
         log.info("Apoptosis: the pruned net (from %s) is in %s", self.net_source, path)
 
-    def _decide(self, analysis: Analysis) -> tuple[dict[str, list[int]], float]:
-        if Size.of(self.trainer.solver.net).within(self.goal) or not analysis.groups:
+    def _decide(self, solver, analysis: Analysis) -> tuple[dict[str, list[int]], float]:
+        if Size.of(solver.net).within(self.goal) or not analysis.groups:
             return {}, 0.0
-        return choose_removal(self.trainer.solver, self.cfg, self.goal, analysis)
+        return choose_removal(solver, self.cfg, self.goal, analysis)
+
+
+@contextlib.contextmanager
+def _quiet_engine():
+    """The mirror's solver and snapshot messages are not the run's: keep them out of the log."""
+    engine_log = logging.getLogger("mpicaffe.backends.engine")
+    level = engine_log.level
+    engine_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        engine_log.setLevel(level)
+
+
+def _close(solver) -> None:
+    for net in [solver.net, *solver.test_nets]:
+        net.close()

@@ -211,3 +211,36 @@ def test_a_shard_smaller_than_a_batch_is_an_error_on_every_rank(runs, tmp_path):
     result = _train(2, solver, tmp_path, "small", check=False)
     assert result.returncode != 0
     assert f"shard holds {len(records) // 2} records, fewer than one batch ({len(records) // 2 + 1})" in result.output
+
+
+def _apoptosis_events(log):
+    return re.findall(r"Apoptosis at iteration \d+: removed [0-9.e-]+ of each layer's channels \([^)]*\)", log)
+
+
+def test_apoptosis_on_caffe_matches_the_engine_and_its_files_load_in_caffe(tmp_path):
+    # snapshot, prune in the engine mirror, rebuild and restore: the same cuts and trajectory as
+    # the engine pruning in place, every rank alike (--check-every 1)
+    caffe = import_pycaffe()
+    x, y = datasets.load_digits()
+    solver = _setup(tmp_path, "apo", x[:2 * B * SHARD], y[:2 * B * SHARD], B, max_iter=30)
+    init = str(tmp_path / "init.caffemodel")  # the backends' fillers draw different numbers
+    caffe.Net(str(tmp_path / "apo_net.prototxt"), caffe.TEST).save(init)
+    prune = ["--weights", init, "--prune-every", "8", "--prune-criterion", "l1", "--prune-target", "0.6", "--prune-step", "0.5",
+             "--check-every", "1"]
+    logs = {}
+    for backend in ("caffe", "engine"):
+        run = _train(2, solver, tmp_path, backend, *prune, backend=backend)
+        logs[backend] = run.rank_stderr(0)
+        os.replace(tmp_path / "apo_iter_30.caffemodel", tmp_path / f"{backend}_iter_30.caffemodel")
+    events = _apoptosis_events(logs["caffe"])
+    assert [e.split(":")[0] for e in events] == [f"Apoptosis at iteration {i}" for i in (8, 16)]
+    assert events == _apoptosis_events(logs["engine"])
+    assert "(conv 4->2)" in events[0] and "(conv 2->1)" in events[1]
+    # float32 sums in different orders (measured: losses within 2e-6 relative)
+    for rank in (0, 1):
+        np.testing.assert_allclose(_losses(tmp_path, "caffe", rank), _losses(tmp_path, "engine", rank),
+                                   rtol=RTOL, atol=ATOL)
+    for a, b in zip(_weights(tmp_path / "caffe_iter_30.caffemodel"), _weights(tmp_path / "engine_iter_30.caffemodel")):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    net = caffe.Net(str(tmp_path / "apo_iter_16.prototxt"), str(tmp_path / "caffe_iter_30.caffemodel"), caffe.TEST)
+    assert net.params["conv"][0].data.shape[0] == 1
