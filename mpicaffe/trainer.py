@@ -418,6 +418,8 @@ class Trainer:
     def write_snapshot(self) -> tuple[str, str]:
         """Write a snapshot on this rank (rank 0's duty, or the lowest live rank's) and record it in
         the manifest once both files are complete (mpicaffe.snapshot). Returns the two paths."""
+        # real Caffe aborts when the snapshot folder is missing: make it (atomic writes do for the engine)
+        os.makedirs(os.path.dirname(self.solver.param.snapshot_prefix) or ".", exist_ok=True)
         weights, state = self.solver.snapshot()
         snapshot.record_snapshot(self.solver.param.snapshot_prefix, weights, state, self.solver.iter, self.comm.size,
                                  self.plan.global_batch, self.cfg.keep_snapshots)

@@ -244,3 +244,15 @@ def test_apoptosis_on_caffe_matches_the_engine_and_its_files_load_in_caffe(tmp_p
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
     net = caffe.Net(str(tmp_path / "apo_iter_16.prototxt"), str(tmp_path / "caffe_iter_30.caffemodel"), caffe.TEST)
     assert net.params["conv"][0].data.shape[0] == 1
+
+
+def test_a_missing_snapshot_folder_is_made(tmp_path):
+    # real Caffe's snapshot aborts (io.cpp "Check failed: proto.SerializeToOstream") without it
+    import_pycaffe()
+    x, y = datasets.load_digits()
+    solver = _setup(tmp_path, "made", x[:2 * B * SHARD], y[:2 * B * SHARD], B, max_iter=3)
+    path = tmp_path / "made_solver.prototxt"
+    path.write_text(path.read_text().replace(f'snapshot_prefix: "{tmp_path / "made"}"',
+                                             f'snapshot_prefix: "{tmp_path / "new" / "folder" / "made"}"'))
+    _train(2, solver, tmp_path, "made")
+    assert (tmp_path / "new" / "folder" / "made_iter_3.caffemodel").exists()
