@@ -146,14 +146,13 @@ def cpu_sif(cpu_container):
 
 def test_lenet_trains_on_two_ranks_inside_the_apptainer_image(cpu_sif):
     # Apptainer starts in the caller's folder (a fresh one here), which gets a link to the image's
-    # models; the snapshot folder is made first, as real Caffe does not make it.
+    # models; mpicaffe makes the snapshot folder, which real Caffe would not.
     script = f"""set -euo pipefail
         work="$(mktemp -d)"
         trap 'rm -rf "$work"' EXIT
         cd "$work"
         ln -s /opt/mpicaffe/prototxt prototxt
         mpicaffe convert mnist --out data/mnist
-        mkdir -p examples_out/lenet
         sed -e 's/^max_iter:.*/max_iter: {ITERS}/' -e 's/^test_interval:.*/test_interval: {ITERS}/' \\
             -e 's/^display:.*/display: 20/' -e 's/^snapshot:.*/snapshot: 0/' \\
             prototxt/lenet/lenet_solver.prototxt >lenet_short_solver.prototxt
