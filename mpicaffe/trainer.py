@@ -165,6 +165,8 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.Solv
 
 def _check_heterogeneous(cfg: TrainConfig, backend: str) -> None:
     """--devices and --balance need the built-in engine (and balancing, a fixed set of ranks)."""
+    if cfg.devices and cfg.gpu is not None:
+        raise UserError("give --gpu or --devices, not both")
     if backend == "caffe" and cfg.devices:
         raise UserError(f"--devices {cfg.devices}: the Caffe backend runs Caffe in CPU mode on every rank; use "
                         "--backend engine for per-rank devices")
@@ -418,8 +420,6 @@ class Trainer:
     def write_snapshot(self) -> tuple[str, str]:
         """Write a snapshot on this rank (rank 0's duty, or the lowest live rank's) and record it in
         the manifest once both files are complete (mpicaffe.snapshot). Returns the two paths."""
-        # real Caffe aborts when the snapshot folder is missing: make it (atomic writes do for the engine)
-        os.makedirs(os.path.dirname(self.solver.param.snapshot_prefix) or ".", exist_ok=True)
         weights, state = self.solver.snapshot()
         snapshot.record_snapshot(self.solver.param.snapshot_prefix, weights, state, self.solver.iter, self.comm.size,
                                  self.plan.global_batch, self.cfg.keep_snapshots)

@@ -29,4 +29,6 @@ def test_balance_and_devices_need_the_engine_and_a_fixed_set_of_ranks():
         _check_heterogeneous(TrainConfig(solver="s", balance="auto", fault_tolerance="ulfm"), "engine")
     with pytest.raises(UserError, match="--balance-iters 0"):
         _check_heterogeneous(TrainConfig(solver="s", balance="auto", balance_iters=0), "engine")
+    with pytest.raises(UserError, match="give --gpu or --devices, not both"):
+        _check_heterogeneous(TrainConfig(solver="s", gpu="0", devices="cpu"), "engine")
     _check_heterogeneous(TrainConfig(solver="s", balance="auto", devices="cpu"), "engine")

@@ -154,7 +154,9 @@ class CaffeSolver:
         self._solver.apply_update()
 
     def snapshot(self) -> tuple[str, str]:
-        """Caffe's Solver::Snapshot; returns the (weights, solver state) paths it wrote."""
+        """Caffe's Solver::Snapshot; returns the (weights, solver state) paths it wrote. Unlike
+        Caffe, which aborts there, makes a missing snapshot folder."""
+        os.makedirs(os.path.dirname(self.param.snapshot_prefix) or ".", exist_ok=True)
         self._solver.snapshot()
         return self.snapshot_paths()
 

@@ -19,7 +19,6 @@ from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_value
 from mpicaffe.comm import Communicator
 from mpicaffe.data import sharding, staging
 from mpicaffe.devices import rank_device, select_device
-from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.reducer import BucketReducer, FusedReducer
 
@@ -51,8 +50,6 @@ class EngineTraining:
     def _build(self) -> Solver:
         cfg, comm = self.cfg, self.comm
         if cfg.devices:
-            if cfg.gpu is not None:
-                raise UserError("give --gpu or --devices, not both")
             device = rank_device(cfg.devices, comm.rank, comm.size)
         else:
             device = select_device(cfg.gpu, self.param, comm.local_rank)
