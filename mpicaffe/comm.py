@@ -74,6 +74,18 @@ class Communicator:
             self.Allreduce_sum(buf)
             buf *= buf.dtype.type(1.0 / self.size)
 
+    def Bcast_arrays(self, arrays: list[np.ndarray], root: int = 0) -> None:
+        """Give every rank `root`'s values of these float32 arrays (views are written in place),
+        in one Bcast through a packed buffer."""
+        if self.size == 1 or not arrays:
+            return
+        buffer = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32, copy=False)
+        self.Bcast(buffer, root=root)
+        offset = 0
+        for a in arrays:
+            a.reshape(-1)[...] = buffer[offset:offset + a.size]
+            offset += a.size
+
     def agree(self, error: BaseException | None) -> None:
         """Collective: if any rank passes an error, raise RankError on every rank, naming the
         ranks that failed and the first message, so a failure on one rank stops them all."""

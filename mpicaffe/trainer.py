@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -102,10 +103,18 @@ def _data_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
     return [lp for lp in net.layer if lp.type in SHARDED_TYPES and prototxt.layer_included(net.state, lp)]
 
 
+def _python_data_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
+    """The net's Python layers with no bottoms: data layers that read their rank's shard themselves."""
+    return [lp for lp in net.layer if lp.type == "Python" and not lp.bottom and prototxt.layer_included(net.state, lp)]
+
+
 def _absolute_sources(net: caffe_pb2.NetParameter, net_path: str) -> None:
     """Resolve data sources as Caffe would (working directory first, then the net's folder), so
-    the net can be handed on inline without losing its folder."""
+    the net can be handed on inline without losing its folder; for the same reason the folder
+    is where Python layers' modules are looked for after sys.path."""
     base = os.path.dirname(net_path) if os.path.exists(net_path) else ""
+    if base and any(lp.type == "Python" for lp in net.layer) and os.path.abspath(base) not in sys.path:
+        sys.path.append(os.path.abspath(base))
     for lp in net.layer:
         for field_name in ("data_param", "image_data_param"):
             if lp.HasField(field_name):
@@ -116,8 +125,8 @@ def _absolute_sources(net: caffe_pb2.NetParameter, net_path: str) -> None:
                         p.source = os.path.abspath(alt)
 
 
-def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.SolverParameter,
-                                                                   caffe_pb2.SolverParameter, BatchPlan]:
+def prepare_solver(cfg: TrainConfig, comm: Communicator, backend: str = "engine"
+                   ) -> tuple[caffe_pb2.SolverParameter, caffe_pb2.SolverParameter, BatchPlan]:
     """Read the solver and its nets; return (the solver as written, the solver each rank runs, the
     batch plan). The one each rank runs has its nets inline with per-rank batches, and its own
     testing, display and snapshots turned off: the trainer does those across ranks."""
@@ -131,9 +140,15 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator) -> tuple[caffe_pb2.Solv
     data = _data_layers(train)
     batch_of = [getattr(lp, SHARDED_TYPES[lp.type]).batch_size for lp in data]
     if comm.size > 1 or cfg.global_batch:
-        if not data:
+        python_data = _python_data_layers(train)
+        if not data and (cfg.global_batch or not python_data or backend != "engine"):
             raise UserError(f"{nets.train_source}: distributed training needs a Data or ImageData layer in "
-                            "the train net (each rank reads its own shard of it)")
+                            "the train net (each rank reads its own shard of it), or, without --global-batch, "
+                            "on the built-in engine, a Python data layer that reads its rank's shard "
+                            "(caffe.solver_rank())")
+        if not data and comm.rank == 0:
+            log.info("The train net is fed by Python data layer(s) %s: the per-rank batch is theirs, and each "
+                     "rank's instance reads its own shard", ", ".join(lp.name for lp in python_data))
         if len(set(batch_of)) > 1:
             raise UserError(f"{nets.train_source}: the train net's data layers have different batch sizes "
                             f"{batch_of}; mpicaffe needs one batch size to split across ranks")
@@ -209,7 +224,11 @@ class TrainingBackend(Protocol):
         """The gradient averaging for this backend, this rank's gradient weighted by `weight`."""
 
     def parameter_arrays(self) -> list[np.ndarray]:
-        """The train net's parameters, as numpy arrays (for the checksum)."""
+        """The train net's learned parameters, as numpy arrays (for the checksum)."""
+
+    def statistics_arrays(self) -> list[np.ndarray]:
+        """Views of the train net's statistics blobs (BatchNorm's), which each rank accumulates
+        from its own batches in forward, as in Caffe's data-parallel training."""
 
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         """Names, float32 values and loss weights of each element of `net`'s outputs."""
@@ -246,7 +265,7 @@ class Trainer:
                 raise UserError("give a snapshot to resume training or weights to finetune, but not both")
             backend = resolve_backend(cfg.backend)
             _check_heterogeneous(cfg, backend)
-            self.param, self.run_param, self.plan = prepare_solver(cfg, comm)
+            self.param, self.run_param, self.plan = prepare_solver(cfg, comm, backend)
         except UserError as e:
             error = e
         comm.agree(error)
@@ -376,6 +395,7 @@ class Trainer:
     def test_all(self) -> list[list[tuple[str, float]]]:
         """Test every test net with its test_iter batches split across ranks; rank 0 logs Caffe's
         lines. Returns the mean scores per test net (on every rank)."""
+        self.share_rank0_statistics()
         results = []
         for i in range(len(self.solver.test_nets)):
             results.append(self.test(i))
@@ -399,6 +419,12 @@ class Trainer:
             for line in output_lines("Test", names, means, weights):
                 log.info("%s", line)
         return [(n, float(m)) for n, m in zip(names, means)]
+
+    def share_rank0_statistics(self) -> None:
+        """Collective: every rank takes rank 0's BatchNorm statistics, so that the test batches
+        split across ranks are scored by one model: the one rank 0 snapshots (in Caffe's
+        data-parallel training the root solver alone tests and snapshots)."""
+        self.comm.Bcast_arrays(self.backend.statistics_arrays(), root=0)
 
     # --- consistency and snapshots ---
     def check_parameters_agree(self) -> None:

@@ -183,6 +183,12 @@ class CaffeSolver:
         """numpy views of the same parameters' diffs (see parameter_arrays)."""
         return [blob.diff for blob in self._params]
 
+    def statistics_arrays(self) -> list[np.ndarray]:
+        """numpy views of the BatchNorm statistics among parameter_arrays(): blobs the forward
+        writes rather than the update learns, so each rank keeps its own."""
+        net = self._solver.net
+        return [blob.data for layer in net.layers if layer.type == "BatchNorm" for blob in layer.blobs]
+
     # --- loss of each forward ---
     def _watch_loss(self) -> None:
         """Keep `loss` as Solver::Step computes it, which pycaffe does not expose: each train

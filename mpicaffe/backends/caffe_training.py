@@ -206,15 +206,7 @@ class CaffeTraining:
     def _broadcast_parameters(self) -> None:
         """Make every rank start from rank 0's weights (the iteration and history came from the
         same snapshot bytes on every rank)."""
-        if self.comm.size == 1:
-            return
-        arrays = self.solver.parameter_arrays()
-        buffer = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
-        self.comm.Bcast(buffer, root=0)
-        offset = 0
-        for a in arrays:
-            a.reshape(-1)[...] = buffer[offset:offset + a.size]
-            offset += a.size
+        self.comm.Bcast_arrays(self.solver.parameter_arrays(), root=0)
 
     # --- per iteration ---
     def _advance_step(self) -> None:
@@ -263,7 +255,11 @@ class CaffeTraining:
         return FusedReducer(self.comm, self.solver.gradient_arrays(), weight)
 
     def parameter_arrays(self) -> list[np.ndarray]:
-        return self.solver.parameter_arrays()
+        statistics = {a.__array_interface__["data"][0] for a in self.solver.statistics_arrays()}
+        return [a for a in self.solver.parameter_arrays() if a.__array_interface__["data"][0] not in statistics]
+
+    def statistics_arrays(self) -> list[np.ndarray]:
+        return self.solver.statistics_arrays()
 
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         return output_values(net)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpicaffe.backends.engine import snapshot_io
+from mpicaffe.backends.engine import snapshot_io, solver_ranks
 from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_values
 from mpicaffe.comm import Communicator
 from mpicaffe.data import sharding, staging
@@ -53,6 +53,7 @@ class EngineTraining:
             device = rank_device(cfg.devices, comm.rank, comm.size)
         else:
             device = select_device(cfg.gpu, self.param, comm.local_rank)
+        solver_ranks.set_solvers(comm.size, comm.rank)  # caffe.solver_count()/solver_rank() for Python layers
         solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank)
         # the trainer never reads intermediate blob diffs: do not keep them (Caffe's debug_info would)
         solver.net.retain_diffs = bool(self.param.debug_info)
@@ -137,7 +138,17 @@ class EngineTraining:
         return FusedReducer(self.comm, [net.flat_diff.detach().numpy()], weight)
 
     def parameter_arrays(self) -> list[np.ndarray]:
-        return [self.solver.net.flat_data.detach().numpy()]
+        return self._flat_slices(statistics=False)
+
+    def statistics_arrays(self) -> list[np.ndarray]:
+        return self._flat_slices(statistics=True)
+
+    def _flat_slices(self, statistics: bool) -> list[np.ndarray]:
+        """Views of the flat weights buffer: the learned blobs, or the statistics (blobs a layer
+        writes in forward, BatchNorm's), in the net's order."""
+        net = self.solver.net
+        flat = net.flat_data.detach().numpy()
+        return [flat[i.offset:i.offset + i.count] for i in net.param_infos if i.learnable == (not statistics)]
 
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         return net_output_values(net)

@@ -1,7 +1,8 @@
 """pycaffe's API over the built-in engine: change `import caffe` to `from mpicaffe import caffe`.
 
 Nets (`caffe.Net`), solvers (`caffe.SGDSolver`, `caffe.get_solver`, ...), `caffe.TRAIN`/`TEST`,
-the mode functions, `caffe.io` and `caffe.proto.caffe_pb2` behave as in BVLC Caffe's pycaffe.
+the mode functions, `caffe.Layer` (layers written in Python), `caffe.solver_count()`/`solver_rank()`,
+`caffe.io` and `caffe.proto.caffe_pb2` behave as in BVLC Caffe's pycaffe.
 On a GPU, `.data`/`.diff` arrays are copies (writes to them do not reach the device); on the CPU
 they are views, as in pycaffe.
 """
@@ -12,7 +13,15 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import solver as _engine_solver
 from mpicaffe.backends.engine.layers import layer_types
+from mpicaffe.backends.engine.solver_ranks import (
+    set_multiprocess,
+    set_solver_count,
+    set_solver_rank,
+    solver_count,
+    solver_rank,
+)
 from mpicaffe.caffe import io, proto
+from mpicaffe.caffe.layer import Layer
 from mpicaffe.caffe.net import Net
 from mpicaffe.proto import caffe_pb2
 
@@ -115,6 +124,7 @@ __all__ = [
     "AdaDeltaSolver",
     "AdaGradSolver",
     "AdamSolver",
+    "Layer",
     "NesterovSolver",
     "Net",
     "RMSPropSolver",
@@ -127,5 +137,10 @@ __all__ = [
     "set_device",
     "set_mode_cpu",
     "set_mode_gpu",
+    "set_multiprocess",
     "set_random_seed",
+    "set_solver_count",
+    "set_solver_rank",
+    "solver_count",
+    "solver_rank",
 ]

@@ -1,5 +1,7 @@
 """Net mechanics as Caffe defines them: in-place blobs, split sums, loss weights, propagate_down,
 force_backward, parameter sharing, outputs, weight copying. Uses small layers defined here."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -214,3 +216,92 @@ def test_test_net_shares_trained_weights():
     test.share_trained_layers_with(train)
     train.params["aff"][0].data[...] = 5
     np.testing.assert_array_equal(test.params["aff"][0].data, [5, 5, 5])
+
+
+BN_NET = """
+name: "bn"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 5 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "BN_TOP" }
+layer { name: "scale" type: "Scale" bottom: "BN_TOP" top: "SCALE_TOP"
+        scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } bias_filler { type: "gaussian" } } }
+layer { name: "relu" type: "ReLU" bottom: "SCALE_TOP" top: "SCALE_TOP" }
+layer { name: "ip" type: "InnerProduct" bottom: "SCALE_TOP" top: "ip"
+        inner_product_param { num_output: 7 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "separate-tops"])
+def test_batchnorm_in_training_backpropagates_the_batch_statistics_gradient(in_place):
+    # the issue's reproduction: BatchNorm writing its moving sums in forward (inside the flat
+    # weights buffer) used to invalidate the convolution weights autograd had saved
+    text = BN_NET.replace("BN_TOP", "conv" if in_place else "bn").replace("SCALE_TOP", "conv" if in_place else "sc")
+    net = make_net(text)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, generator=g)
+    net.blobs["data"].tensor.copy_(x)
+    net.blobs["label"].tensor.copy_(torch.tensor([0.0, 3.0, 6.0, 2.0]))
+    w, b, gamma, beta, ip_w, ip_b = (p.detach().clone().requires_grad_(True) for p in (
+        net.layer("conv").blobs[0], net.layer("conv").blobs[1], net.layer("scale").blobs[0],
+        net.layer("scale").blobs[1], net.layer("ip").blobs[0], net.layer("ip").blobs[1]))
+    loss = net.forward()
+    net.backward()
+
+    # the same computation written directly in torch
+    conv = torch.nn.functional.conv2d(x, w, b)
+    mean, var = conv.mean(dim=(0, 2, 3), keepdim=True), conv.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    y = (conv - mean) / torch.sqrt(var + 1e-5) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    logits = torch.relu(y).flatten(1) @ ip_w.t() + ip_b
+    ref = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 6, 2]))
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    for layer, j, ref_param in (("conv", 0, w), ("conv", 1, b), ("scale", 0, gamma), ("scale", 1, beta),
+                                ("ip", 0, ip_w)):
+        np.testing.assert_allclose(net.params[layer][j].diff, ref_param.grad.numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{layer}[{j}]")
+    # Caffe's moving sums after one forward: the batch mean, the m / (m - 1) variance, factor 1
+    m = 4 * 4 * 4
+    np.testing.assert_allclose(net.params["bn"][0].data, mean.detach().flatten().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.params["bn"][1].data, var.detach().flatten().numpy() * m / (m - 1), rtol=1e-4)
+    assert net.params["bn"][2].data[0] == 1
+
+
+def test_batchnorm_net_trains_under_mpicaffe_train(tmp_path):
+    # the issue's second reproduction: DummyData feeding the same net through the solver
+    net = BN_NET.replace("BN_TOP", "conv").replace("SCALE_TOP", "conv").replace(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } } }\n'
+        'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }',
+        'layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
+        '  shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 }\n'
+        '  data_filler { type: "gaussian" } data_filler { type: "constant" value: 2 } } }')
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nmomentum: 0.9\nlr_policy: "fixed"\nmax_iter: 30\n'
+        f'display: 0\nsnapshot_after_train: false\nsnapshot_prefix: "{tmp_path / "s"}"\n')
+    from mpicaffe.cli import main
+
+    assert main(["train", "--solver", str(tmp_path / "solver.prototxt"), "--metrics", str(tmp_path / "m.jsonl")]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("layer", ['type: "Clip" clip_param { min: -0.5 max: 0.5 }', 'type: "Power" power_param { power: 2 }',
+                                   'type: "BNLL"', 'type: "Log"'])
+def test_in_place_layers_whose_caffe_backward_is_wrong_warn_and_get_the_true_gradient(layer, caplog):
+    text = ('force_backward: true\nlayer { name: "in" type: "Input" top: "x" input_param { shape { dim: 6 } } }\n'
+            f'layer {{ name: "l" {layer} bottom: "x" top: "TOP" }}\n'
+            'layer { name: "loss" type: "Reduction" bottom: "TOP" top: "loss" loss_weight: 1 }\n')
+    x = torch.tensor([0.2, 0.9, 1.7, 0.4, 2.5, 0.7])
+    diffs = []
+    for top in ("x", "y"):
+        caplog.clear()
+        net = make_net(text.replace("TOP", top))
+        assert ("overwritten bottom" in caplog.text) == (top == "x")
+        net.blobs["x"].tensor.copy_(x)
+        net.forward()
+        net.backward()
+        diffs.append(net.blobs["x"].diff.copy())
+    np.testing.assert_allclose(diffs[0], diffs[1])

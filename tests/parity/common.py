@@ -68,16 +68,18 @@ def param_shapes(net) -> dict[str, list[tuple[int, ...]]]:
 def copy_params(src, dst) -> None:
     """Copy every parameter blob of `src` into `dst` (pycaffe-style nets), checking the layout."""
     assert param_shapes(dst) == param_shapes(src), "parameter blob layouts differ"
+    dst_params = dst.params  # built afresh on each access by both pycaffe and the engine
     for name, blobs in src.params.items():
         for j, b in enumerate(blobs):
-            dst.params[name][j].data[...] = b.data
+            dst_params[name][j].data[...] = b.data
 
 
 def compare_params(engine, caffe, what: str, diff: bool = False, **tol) -> None:
     """Every parameter blob's data (or diff) of the two nets."""
     assert param_shapes(engine) == param_shapes(caffe), f"{what}: parameter blob layouts differ"
+    engine_params = engine.params  # built afresh on each access
     for name, blobs in caffe.params.items():
         for j, b in enumerate(blobs):
-            e = engine.params[name][j]
+            e = engine_params[name][j]
             assert_close(e.diff if diff else e.data, b.diff if diff else b.data,
                          f"{what}: {name}[{j}] {'diff' if diff else 'data'}", **tol)

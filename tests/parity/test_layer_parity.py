@@ -291,6 +291,46 @@ for name, p in [("k3_s2_pad1", "kernel_size: 3 stride: 2 pad: 1"), ("dilation2",
 case("Softmax", "axis1", 'bottom: "x" top: "y"', inputs={"x": normal(2, 5, 3, scale=3)})
 case("Softmax", "axis_neg1", 'bottom: "x" top: "y" softmax_param { axis: -1 }', inputs={"x": normal(3, 4, 6, scale=3)})
 
+# --- recurrent ---
+def sequence_starts(t: int, n: int) -> Gen:
+    """cont (T x N): 0 where a sequence starts; random starts at t = 0 and mid-batch."""
+    def gen(r):
+        c = (r.random((t, n)) > 0.3).astype(f32)
+        c[0, 0], c[0, 1], c[2, 1] = 0, 1, 0  # a fresh start, a carried state and a break mid-batch
+        return c
+    return gen
+
+
+RC_FILL = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "uniform" min: -0.5 max: 0.5 }'
+# x is T=4 x N=3 x (2 x 3); x_static N x (2 x 2); with expose_hidden, h_0 (and c_0) are 1 x N x D
+for t, d, states in [("RNN", 5, ("h",)), ("LSTM", 4, ("h", "c"))]:
+    for name, static, expose in [("plain", False, False), ("static", True, False),
+                                 ("expose_hidden", False, True), ("static_expose_hidden", True, True)]:
+        ins = {"x": normal(4, 3, 2, 3), "cont": sequence_starts(4, 3)}
+        tops = ["y"]
+        if static:
+            ins["s"] = normal(3, 2, 2)
+        if expose:
+            ins |= {f"{s}0": normal(1, 3, d) for s in states}
+            tops += [f"{s}T" for s in states]
+        blobs = " ".join([f'bottom: "{n}"' for n in ins] + [f'top: "{n}"' for n in tops])
+        case(t, name, f'{blobs} recurrent_param {{ num_output: {d} {RC_FILL} expose_hidden: {str(expose).lower()} }}',
+             inputs=ins)
+case("LSTMUnit", "basic", 'bottom: "c" bottom: "g" bottom: "cont" top: "c1" top: "h1"',
+     inputs={"c": normal(1, 3, 4), "g": normal(1, 3, 16, scale=2), "cont": binary(1, 3)})
+# Caffe aborts on a forced backward into Filter's selector, and without force_backward skips layers
+# that feed no loss: so the filtered blobs come from Parameter layers and feed loss-weighted sums
+FILTER_PRE = ('layer { name: "a" type: "Parameter" top: "a" parameter_param { shape { dim: 5 dim: 2 dim: 3 } } } '
+              'layer { name: "b" type: "Parameter" top: "b" parameter_param { shape { dim: 5 dim: 4 } } }')
+FILTER_POST = ('layer { name: "ra" type: "Reduction" bottom: "ya" top: "ra" loss_weight: 1 reduction_param { operation: SUMSQ } } '
+               'layer { name: "rb" type: "Reduction" bottom: "yb" top: "rb" loss_weight: 0.5 reduction_param { operation: SUMSQ } }')
+# with nothing kept, Caffe's backward dies (a floating-point exception): that case runs forward only
+for name, sel, backward in [("column", [[1], [0], [0], [1], [1]], True), ("flat_values", [0, -0.5, 2, 0, 0.25], True),
+                            ("none_kept", [0, 0, 0, 0, 0], False)]:
+    case("Filter", name, 'bottom: "a" bottom: "b" bottom: "sel" top: "ya" top: "yb"',
+         inputs={"sel": lambda r, sel=sel: np.array(sel, f32)}, pre=FILTER_PRE, post=FILTER_POST,
+         backward=backward, force_backward=False, init_params=lambda r, j, shape: r.standard_normal(shape).astype(f32))
+
 # --- losses and accuracy ---
 SM = {"x": normal(6, 5, scale=2), "l": labels((6,), 5)}
 for name, p in [
@@ -364,7 +404,8 @@ case("DummyData", "legacy_dims", 'top: "a" dummy_data_param { num: 2 channels: 3
      'data_filler { type: "constant" value: 0.5 } }', backward=False, force_backward=False)
 
 # types with their own test functions below
-SPECIAL = {"Data", "HDF5Data", "HDF5Output", "MemoryData", "Dropout"}
+# Python: tests/parity/test_python_layer_parity.py
+SPECIAL = {"Data", "HDF5Data", "HDF5Output", "MemoryData", "Dropout", "Python"}
 
 # cases where the engine is known to differ from Caffe: {case id: reason}
 KNOWN_DIFFERENCES: dict[str, str] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,7 @@ class Net:
         self._top_names: list[list[str]] = []
         self._in_place: list[list[bool]] = []
         self._loss_terms: list[tuple[torch.Tensor, float]] = []
+        self._params: dict[str, list[Blob]] | None = None
         # seconds spent, accumulated until the caller resets them: data layers (waiting for
         # batches), whole forward passes and backward passes of forward_backward
         self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
@@ -89,6 +91,10 @@ class Net:
                 if not ip and name in produced:
                     raise self._err(f"layer '{lp.name}': top blob '{name}' produced by multiple sources")
                 in_place.append(ip)
+            if any(in_place) and layer.caffe_in_place_backward_is_wrong:
+                log.warning("%s: layer '%s' (%s) computes in place: real Caffe's backward would read its "
+                            "overwritten bottom and give a different (wrong) gradient; mpicaffe's is the true one",
+                            self.source or self.name, lp.name, lp.type)
             if lp.propagate_down and len(lp.propagate_down) != len(lp.bottom):
                 raise self._err(f"layer '{lp.name}': propagate_down must be unspecified or given once per bottom")
             if lp.loss_weight and len(lp.loss_weight) != len(lp.top):
@@ -110,10 +116,41 @@ class Net:
             self._in_place.append(in_place)
             self.loss_weights.append([lp.loss_weight[i] if lp.loss_weight else layer.default_loss_weight(i)
                                       for i in range(len(lp.top))])
+        self._holds_inputs = [getattr(layer, "holds_inputs", False) for layer in self.layers]
+        self._scale_after = [self._fuses_scale(i) for i in range(len(self.layers))]
+        # whether forward may leave out the autograd graph and backward run it again: a TEST net
+        # whose layers give the same tops again (none that keep state or write files)
+        self._replayable = (self.phase == caffe_pb2.TEST and not self.param.force_backward
+                            and not any(layer.type in _NOT_REPLAYABLE or getattr(layer, "use_global_stats", True) is False
+                                        for layer in self.layers))
+        self._graph_pending = False  # the last forward left out the graph (see forward)
+        self._replaying = False
         self.outputs = sorted(name for name, consumed in consumed_after.items() if not consumed)
+        self._output_set = set(self.outputs)
         self.inputs = [n for layer, tops in zip(self.layers, self._top_names)
                        if getattr(layer, "holds_inputs", False) for n in tops]
         self._pack_params()
+
+    def _fuses_scale(self, i: int) -> bool:
+        """Whether layer i is a BatchNorm that forward runs together with the Scale layer after it
+        (BatchNorm.forward_scaled): both in place on one blob, so that the normalized values are
+        nobody's data or diff, the Scale with learned per-channel gamma (and beta), neither with a
+        loss weight or propagate_down."""
+        if i + 1 >= len(self.layers):
+            return False
+        bn, scale = self.layers[i], self.layers[i + 1]
+        if bn.type != "BatchNorm" or scale.type != "Scale":
+            return False
+        blob = self._bottom_names[i]
+        if not (self._top_names[i] == blob and self._bottom_names[i + 1] == blob and self._top_names[i + 1] == blob):
+            return False
+        if any(self.loss_weights[i] + self.loss_weights[i + 1]) or bn.param.propagate_down or scale.param.propagate_down:
+            return False
+        x = self.blobs[blob[0]].tensor
+        channels = (x.shape[1],) if x.dim() >= 2 else None
+        p = scale.param.scale_param
+        return (x.dim() >= 2 and p.axis in (1, 1 - x.dim()) and len(scale.blobs) == 1 + p.bias_term
+                and all(tuple(t.shape) == channels for t in scale.blobs))
 
     def _pack_params(self) -> None:
         """Put every owner parameter blob into one flat buffer; sharers get the owner's view."""
@@ -151,7 +188,10 @@ class Net:
             if owner is None:
                 info = infos[k]
                 k += 1
-                view = self.flat_data[info.offset:info.offset + info.count].view(info.shape)
+                # `.data` gives each blob a version counter of its own (views of one tensor share
+                # theirs): BatchNorm writing its statistics in forward must not invalidate the
+                # convolution weights autograd saved earlier in the same flat buffer
+                view = self.flat_data.data[info.offset:info.offset + info.count].view(info.shape)
                 view.copy_(layer.blobs[j])
                 # Caffe computes no param diff where lr_mult is 0 (param_propagate_down false)
                 if info.learnable and info.lr_mult != 0:
@@ -164,6 +204,7 @@ class Net:
                 layer.blobs[j] = owner_view if owner_view.shape == shape else owner_view.view(shape)
         # learnable_params in Caffe's order: one per owner
         self.learnable_params = [self._owner_view(info) for info in infos]
+        self._params = None
 
     def _owner_view(self, info: ParamInfo) -> torch.Tensor:
         layer = self.layers[self.layer_names.index(info.layer)]
@@ -188,12 +229,12 @@ class Net:
     # --- pycaffe-style views ---
     @property
     def params(self) -> dict[str, list[Blob]]:
-        """Layer name -> its parameter blobs (data/diff views), for layers that have any."""
-        out: dict[str, list[Blob]] = {}
-        for layer in self.layers:
-            if layer.blobs:
-                out[layer.name] = [self._param_blob(layer, j) for j in range(len(layer.blobs))]
-        return out
+        """Layer name -> its parameter blobs (data/diff views), for layers that have any. Built
+        once (scripts index it in loops) and again after the parameter tensors are replaced."""
+        if self._params is None:
+            self._params = {layer.name: [self._param_blob(layer, j) for j in range(len(layer.blobs))]
+                            for layer in self.layers if layer.blobs}
+        return self._params
 
     def blob_owner(self, layer_name: str, j: int) -> tuple[ParamInfo, bool]:
         """The ParamInfo holding parameter j of a layer, and whether that layer owns it (not shared)."""
@@ -216,18 +257,35 @@ class Net:
     def forward(self, start: int = 0, end: int | None = None) -> float:
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
+        self._graph_pending = False
+        if self._replayable and start == 0 and end == len(self.layers) - 1 and torch.is_grad_enabled():
+            # a TEST net's forward seldom has a backward after it (classification): it keeps no
+            # autograd graph, whose saved tensors double its memory (ResNet-50, batch 8: 2.2 GB
+            # instead of 1.2 GB), and backward() runs it again with the graph first
+            with torch.no_grad():
+                loss = self._forward(start, end)
+            self._graph_pending = True
+            return loss
+        return self._forward(start, end)
+
+    def _forward(self, start: int, end: int) -> float:
         if start == 0:
             self._loss_terms = []
         loss = 0.0
         grad = torch.is_grad_enabled()
         force = self.param.force_backward and grad
-        for i in range(start, end + 1):
+        keep_diffs = grad and self.retain_diffs
+        blobs = self.blobs
+        i = start
+        while i <= end:
             layer = self.layers[i]
-            if getattr(layer, "holds_inputs", False):
-                tops = [self.blobs[n].tensor for n in self._top_names[i]]
+            if self._holds_inputs[i]:
+                tops = [blobs[n].tensor for n in self._top_names[i]]
                 if force:
                     for t in tops:
                         t.requires_grad_(True)
+            elif not self._bottom_names[i] and self._replaying:
+                tops = [blobs[n].tensor for n in self._top_names[i]]  # the batch the forward read
             elif not self._bottom_names[i]:
                 start_data = time.perf_counter()
                 tops = layer.forward([])
@@ -236,27 +294,50 @@ class Net:
                     tops = [t.detach().requires_grad_(True) if t.is_floating_point() and not t.requires_grad
                             else t for t in tops]
             else:
-                bottoms = [self.blobs[n].tensor for n in self._bottom_names[i]]
+                bottoms = [blobs[n].tensor for n in self._bottom_names[i]]
                 pd = layer.param.propagate_down
                 if pd:
                     bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
-                tops = layer.forward(bottoms)
+                if self._scale_after[i] and i < end:
+                    # BatchNorm and the Scale after it in one call; the Scale's top is the same
+                    # blob, in place, so its loop below does for both
+                    tops = layer.forward_scaled(bottoms, self.layers[i + 1])
+                    i += 1
+                else:
+                    tops = layer.forward(bottoms)
             for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
-                blob = self.blobs[name]
+                blob = blobs[name]
                 blob.tensor = t
                 if not ip:
-                    blob.grad_tensor = t if t.requires_grad else None
-                    if grad and self.retain_diffs and t.requires_grad and not t.is_leaf:
-                        t.retain_grad()
+                    # a leaf (an input with force_backward) gets its .grad from autograd; the
+                    # others' diffs _keep_grad's hook sets
+                    blob.grad_tensor = t if t.requires_grad and t.is_leaf else None
+                    if keep_diffs and t.requires_grad and not t.is_leaf:
+                        if name not in self._output_set:
+                            # the last backward's diff, freed now rather than when backward
+                            # replaces it (an output's may be a diff set by hand, see backward)
+                            blob._diff = None
+                        _keep_grad(t, blob)
                 if w:
                     self._loss_terms.append((t, w))
                     loss += w * float(t.detach().sum())
+            i += 1
         return loss
 
     def backward(self) -> None:
         """Backpropagate the loss of the last forward, plus (with force_backward, as Caffe only then
         runs layers that feed no loss) any diff set by hand on an output blob that carries no loss
         weight; parameter diffs accumulate into `flat_diff` until cleared."""
+        if self._graph_pending:
+            self._graph_pending = False
+            self._replaying = True
+            try:
+                self._forward(0, len(self.layers) - 1)
+            finally:
+                self._replaying = False
+        for name in self.inputs:
+            # Caffe's backward overwrites an input's diff; autograd would add to the last one
+            self.blobs[name].tensor.grad = None
         tensors = [t for t, _ in self._loss_terms if t.requires_grad]
         seeds = [torch.full_like(t, w) for t, w in self._loss_terms if t.requires_grad]
         for name in self.outputs if self.param.force_backward else ():
@@ -311,6 +392,7 @@ class Net:
                     raise self._err(f"cannot share param {j} weights from layer '{layer.name}'; shape mismatch: "
                                     f"source {tuple(t.shape)}, target {tuple(layer.blobs[j].shape)}")
                 layer.blobs[j] = t
+        self._params = None
 
     def copy_from(self, weights: caffe_pb2.NetParameter, source: str = "") -> None:
         """Copy blobs by layer name from a trained NetParameter (Caffe's CopyTrainedLayersFrom)."""
@@ -346,6 +428,27 @@ class Net:
                 diff = self._param_blob(layer, j).diff_tensor if write_diff else None
                 tensor_to_blob_proto(t, lp.blobs.add(), diff)
         return out
+
+
+# layers whose forward has effects beyond its tops: state kept between forwards, files written
+_NOT_REPLAYABLE = {"Python", "RNN", "LSTM", "HDF5Output"}
+
+
+def _keep_grad(t: torch.Tensor, blob: Blob) -> None:
+    """Make the gradient that backward computes for non-leaf `t` the diff of `blob`, as it is:
+    retain_grad() would copy every gradient, and the net would have to hold `t` (which an
+    in-place top replaces), and with it every pre-activation top no backward needs (measured:
+    DenseNet-121 1.18x faster and 500 MB less at peak, SqueezeNet 110 MB less)."""
+    blob_ref = weakref.ref(blob)  # t's grad_fn holds this hook, and the blob holds t
+
+    def store(g: torch.Tensor) -> None:
+        b = blob_ref()
+        if b is not None:
+            # a slice of a larger gradient (Concat's, Slice's) is copied, so as not to keep the
+            # whole of it alive (DenseNet: every concatenation's)
+            b._diff = g.clone() if g._base is not None and g._base.numel() > g.numel() else g
+
+    t.register_hook(store)
 
 
 def _with_layer_defaults(lp: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:

@@ -14,7 +14,7 @@ from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
 LAYERS: dict[str, type[Layer]] = {}
-_FAMILIES = ("data", "vision", "activation", "normalization", "structure", "loss")
+_FAMILIES = ("data", "vision", "activation", "normalization", "structure", "loss", "recurrent", "python")
 
 
 def register(cls: type[Layer]) -> type[Layer]:

@@ -161,6 +161,8 @@ class _BNLLFn(torch.autograd.Function):
 class BNLL(_Neuron):
     """Caffe's BNLL layer: log(1 + exp(x))."""
 
+    caffe_in_place_backward_is_wrong = True
+
     type = "BNLL"
 
     def apply(self, x):
@@ -218,6 +220,8 @@ class _PowerFn(torch.autograd.Function):
 class Power(_Neuron):
     """Caffe's Power layer: (shift + scale * x) ^ power."""
 
+    caffe_in_place_backward_is_wrong = True
+
     type = "Power"
 
     def apply(self, x):
@@ -267,6 +271,8 @@ class Exp(_Neuron):
 @register
 class Log(_Neuron):
     """Caffe's Log layer: log_base(shift + scale * x)."""
+
+    caffe_in_place_backward_is_wrong = True
 
     type = "Log"
 
@@ -320,6 +326,8 @@ class Threshold(_Neuron):
 @register
 class Clip(_Neuron):
     """Caffe's Clip layer: max(min, min(x, max))."""
+
+    caffe_in_place_backward_is_wrong = True
 
     type = "Clip"
 

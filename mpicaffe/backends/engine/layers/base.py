@@ -28,6 +28,9 @@ class Layer:
     max_tops: ClassVar[int | None] = None
     # Caffe's AllowForceBackward: False for bottoms that are labels or indices
     allow_force_backward: ClassVar[bool | tuple[bool, ...]] = True
+    # Caffe's backward reads the bottom, which an in-place top has overwritten, so Caffe's gradient
+    # is wrong in place; the engine's is the true one (the net warns)
+    caffe_in_place_backward_is_wrong: ClassVar[bool] = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, source: str = ""):
         self.param = param

@@ -1,5 +1,5 @@
 """Structure layers: Eltwise, Concat, Slice, Split, Flatten, Reshape, Crop, Tile, Reduction,
-ArgMax, Silence, Embed, Parameter, BatchReindex.
+ArgMax, Silence, Embed, Parameter, BatchReindex, Filter.
 
 Most move or combine values without arithmetic, so autograd's backward is Caffe's exactly
 (Concat/Slice/Crop route diffs back, Split and Tile sum them, Eltwise MAX sends each diff to the
@@ -516,3 +516,46 @@ class BatchReindex(Layer):
             raise self.error(f"index {ridx[ridx >= x.shape[0]][0].item():g} specified for reindex layer was "
                              f"greater than batch size ({x.shape[0]})")
         return [x.index_select(0, ridx.long())]
+
+
+@register
+class Filter(Layer):
+    """Caffe's Filter layer: keeps the items (along axis 0) of each bottom but the last where the
+    last bottom, the selector, is nonzero. Top i is bottom i filtered; its first axis depends on
+    the selector's values."""
+
+    type = "Filter"
+    min_bottoms = 2
+    min_tops = 1
+
+    def setup(self, bottoms):
+        if len(self.param.top) != len(bottoms) - 1:
+            raise self.error(f"takes one top per bottom but the last (the selector): {len(bottoms) - 1} "
+                             f"top(s) for {len(bottoms)} bottoms, got {len(self.param.top)}")
+        # Caffe's first Reshape keeps every item, whatever the selector holds
+        self._first_reshape = True
+        self._check(bottoms)
+
+    def _check(self, bottoms) -> None:
+        selector = bottoms[-1]
+        if selector.dim() < 1 or any(d != 1 for d in selector.shape[1:]):
+            raise self.error(f"the selector (last bottom) must have shape (N,) or (N, 1, ...): all dimensions "
+                             f"singletons (1) except the first, got {tuple(selector.shape)}")
+        for i, b in enumerate(bottoms[:-1]):
+            if b.dim() < 1 or b.shape[0] != selector.shape[0]:
+                raise self.error(f"bottom {i} (shape {tuple(b.shape)}) must have the selector's "
+                                 f"{selector.shape[0]} items on axis 0")
+
+    def infer_tops(self, bottoms):
+        self._check(bottoms)
+        if self._first_reshape:
+            self._first_reshape = False
+            return [torch.zeros_like(b) for b in bottoms[:-1]]
+        return super().infer_tops(bottoms)
+
+    def forward(self, bottoms):
+        self._check(bottoms)
+        # Caffe never backpropagates into the selector; the kept rows get their top's diff, the
+        # others zero, which is index_select's gradient
+        keep = bottoms[-1].detach().reshape(-1).nonzero().squeeze(1)
+        return [b.index_select(0, keep) for b in bottoms[:-1]]

@@ -1,0 +1,59 @@
+"""The zoo generator (tests/zoo/nets.py): published parameter counts and the variants' switches.
+
+These run on the built-in engine alone (no Caffe needed).
+"""
+from __future__ import annotations
+
+import pytest
+
+from mpicaffe import prototxt
+from mpicaffe.proto import caffe_pb2
+from tests.parity.common import engine_net
+from tests.zoo.nets import FULL_SIZE, NAMES, zoo_net
+
+# learnable parameters at full size as the papers and reference implementations count them:
+# convolution and fully connected weights and biases, and BatchNorm's gamma and beta (Caffe's
+# Scale layer); BatchNorm's running statistics are not counted
+PUBLISHED_PARAMETERS: dict[str, int] = {
+    "caffenet": 60_965_224, "alexnet": 60_965_224, "vgg16": 138_357_544,
+    "resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808,
+    "densenet121": 7_978_856, "mobilenet_v1": 4_231_976, "mobilenet_v2": 3_504_872,
+    "squeezenet1_0": 1_248_424, "squeezenet1_1": 1_235_496,
+}
+
+
+def parse(text: str) -> caffe_pb2.NetParameter:
+    return prototxt.parse_text(text, caffe_pb2.NetParameter(), "<zoo>")
+
+
+# architectures whose published training nets use Dropout
+WITH_DROPOUT = {"caffenet", "alexnet", "vgg16", "nin", "googlenet", "squeezenet1_0", "squeezenet1_1"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size_net_has_the_published_parameter_count_and_one_probability_per_class(name: str):
+    net = engine_net(zoo_net(name, batch=1), caffe_pb2.TEST, f"<zoo {name}>")
+    assert net.blobs["data"].shape == (1, 3, FULL_SIZE[name], FULL_SIZE[name])
+    assert net.outputs == ["prob"]
+    # (1, 1000) after a fully connected classifier, (1, 1000, 1, 1) after NIN's and SqueezeNet's pooling
+    assert net.blobs["prob"].shape[:2] == (1, 1000) and net.blobs["prob"].count == 1000
+    if name in PUBLISHED_PARAMETERS:
+        assert sum(info.count for info in net.param_infos if info.learnable) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_variant_adds_label_and_loss_and_drops_dropout_on_request(name: str):
+    deploy = parse(zoo_net(name, 2, 99))
+    train = parse(zoo_net(name, 2, 99, train=True))
+    no_dropout = parse(zoo_net(name, 2, 99, train=True, dropout=False))
+    assert list(deploy.layer[0].top) == ["data"] and list(train.layer[0].top) == ["data", "label"]
+    assert deploy.layer[-1].type == "Softmax"
+    # GoogLeNet trains with two auxiliary classifiers besides the main one
+    assert sum(lp.type == "SoftmaxWithLoss" for lp in train.layer) == (3 if name == "googlenet" else 1)
+    assert any(lp.type == "Dropout" for lp in train.layer) == (name in WITH_DROPOUT)
+    assert list(no_dropout.layer) == [lp for lp in train.layer if lp.type != "Dropout"]
+
+
+def test_unknown_architecture_names_the_known_ones():
+    with pytest.raises(ValueError, match="resnet50"):
+        zoo_net("resnet51")
