@@ -9,7 +9,8 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
-from mpicaffe.backends.engine.solver import format_float, net_output_values
+from mpicaffe.backends.engine.solver import net_output_values
+from mpicaffe.caffe_log import format_float
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)

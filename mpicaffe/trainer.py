@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,7 +26,7 @@ import numpy as np
 from mpicaffe import progress, prototxt, snapshot
 from mpicaffe.backends import resolve_backend
 from mpicaffe.backends.engine.lr_policy import learning_rate
-from mpicaffe.backends.engine.solver import format_float, output_lines
+from mpicaffe.caffe_log import SmoothedLoss, format_float, output_lines
 from mpicaffe.comm import Communicator, create_communicator, digest
 from mpicaffe.data.sharding import shard_bounds, test_share
 from mpicaffe.errors import UserError
@@ -284,8 +283,7 @@ class Trainer:
         self.solver.add_callback(lambda: self.reducer.start(), lambda: self.reducer.finish())
         self.telemetry = Telemetry(comm.rank, cfg.metrics, cfg.timeline, cfg.timeline_iters,
                                    self.param.max_iter)
-        self._losses: deque[np.float32] = deque(maxlen=max(1, self.param.average_loss))
-        self._smoothed = np.float32(0)
+        self._smoothing = SmoothedLoss(self.param.average_loss)  # on this rank, averaged over ranks at display
         self.recovery = None  # mpicaffe.elastic.TrainingState under --fault-tolerance ulfm
         self.balancer = None
         if cfg.balance == "auto" and comm.size > 1:
@@ -322,7 +320,7 @@ class Trainer:
             if self.balancer is not None:
                 self.balancer.before_iteration()
             solver.step(1)
-            self._smooth(np.float32(solver.loss))
+            self._smoothing.add(solver.loss)
             rate = learning_rate(self.run_param, it, self.backend.current_step, announce=False)[0]
             self.telemetry.end_iteration(it, self.backend, self.reducer, solver.loss, rate)
             if self.balancer is not None:
@@ -369,20 +367,9 @@ class Trainer:
                  n, self.comm.name, plan.global_batch, per_rank, plan.prototxt_batch, format_float(lr), scaled)
         log.info("Backend: %s", self.backend.name)
 
-    def _smooth(self, loss: np.float32) -> None:
-        # Caffe's UpdateSmoothedLoss over the last average_loss iterations, on this rank
-        window = self._losses
-        if len(window) < window.maxlen:
-            window.append(loss)
-            self._smoothed = np.float32((self._smoothed * np.float32(len(window) - 1) + loss) / len(window))
-        else:
-            oldest = window[0]
-            window.append(loss)
-            self._smoothed = np.float32(self._smoothed + (loss - oldest) / np.float32(window.maxlen))
-
     def _display(self, it: int, per_s: float, lapse: float, rate: float) -> None:
         names, values, weights = self.backend.output_values(self.solver.net)
-        buf = np.concatenate([[self._smoothed], values]).astype(np.float32)
+        buf = np.concatenate([[self._smoothing.value], values]).astype(np.float32)
         self.comm.allreduce_mean_(buf)
         if self.comm.rank == 0:
             log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", it, format_float(per_s),

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mpicaffe.backends.engine.solver import format_float, net_output_values
+from mpicaffe.backends.engine.solver import net_output_values
+from mpicaffe.caffe_log import format_float
 from mpicaffe.info import MULTIPLY_ADD_TYPES, layer_costs
 
 

@@ -4,6 +4,10 @@ These run on the built-in engine alone (no Caffe needed).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mpicaffe import prototxt
@@ -57,3 +61,15 @@ def test_train_variant_adds_label_and_loss_and_drops_dropout_on_request(name: st
 def test_unknown_architecture_names_the_known_ones():
     with pytest.raises(ValueError, match="resnet50"):
         zoo_net("resnet51")
+
+
+def test_bundled_resnet20_is_what_its_generator_writes_and_has_20_weighted_layers():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    check = subprocess.run([sys.executable, os.path.join(root, "scripts", "gen_resnet20.py"), "--check"],
+                           check=False, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    net = prototxt.read_net(os.path.join(root, "prototxt", "resnet20", "resnet20_deploy.prototxt"))
+    weighted = [lp for lp in net.layer if lp.type in ("Convolution", "InnerProduct")]
+    shortcuts = [lp for lp in weighted if lp.convolution_param.kernel_size == [1]]
+    assert len(weighted) - len(shortcuts) == 20 and len(shortcuts) == 2
+    assert sum(lp.type == "BatchNorm" for lp in net.layer) == 21

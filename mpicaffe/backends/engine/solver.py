@@ -22,6 +22,7 @@ from mpicaffe import prototxt, upgrade
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.lr_policy import check_lr_policy, learning_rate
 from mpicaffe.backends.engine.net import Net, tensor_to_blob_proto
+from mpicaffe.caffe_log import SmoothedLoss, format_float, output_lines
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
@@ -36,24 +37,6 @@ class SolverAction(enum.IntEnum):
     NONE = 0
     STOP = 1
     SNAPSHOT = 2
-
-
-def format_float(x) -> str:
-    """A number as C++'s default ostream prints it (6 significant digits)."""
-    return f"{float(x):.6g}"
-
-
-def output_lines(kind: str, names: list[str], values, loss_weights: list[float]) -> list[str]:
-    """Caffe's per-output lines, e.g. `    Test net output #0: loss = 0.25 (* 1 = 0.25 loss)`.
-
-    `kind` is "Train" or "Test"; one entry per output element, with its blob's name and loss weight.
-    """
-    lines = []
-    for i, (name, v, w) in enumerate(zip(names, values, loss_weights)):
-        v = _f32(v)
-        extra = f" (* {format_float(w)} = {format_float(_f32(w) * v)} loss)" if w else ""
-        lines.append(f"    {kind} net output #{i}: {name} = {format_float(v)}{extra}")
-    return lines
 
 
 def blob_loss_weights(net: Net) -> dict[str, float]:
@@ -105,8 +88,7 @@ class Solver:
         self.requested_early_exit = False
         self.loss = 0.0
         self.smoothed_loss = 0.0
-        self._losses: list[np.float32] = []
-        self._smoothed = _f32(0)
+        self._smoothing = SmoothedLoss(param.average_loss)
         self._iterations_last = 0
         self._callbacks: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self._action_function: Callable[[], SolverAction | int | None] | None = None
@@ -212,11 +194,8 @@ class Solver:
     def step(self, iters: int) -> None:
         """Run `iters` iterations (Caffe's Solver::Step)."""
         p = self.param
-        start_iter = self.iter
         stop_iter = self.iter + iters
-        average_loss = p.average_loss
-        self._losses = []
-        self._smoothed = _f32(0)
+        self._smoothing = SmoothedLoss(p.average_loss)
         timer = time.perf_counter()
         self._iterations_last = self.iter
         while self.iter < stop_iter:
@@ -233,12 +212,12 @@ class Solver:
                 loss += _f32(self.net.forward_backward())
             loss /= _f32(p.iter_size)
             self.loss = float(loss)
-            self._update_smoothed_loss(loss, start_iter, average_loss)
+            self.smoothed_loss = float(self._smoothing.add(loss))
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (self.iter - self._iterations_last) / (lapse or 1)
                 log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, format_float(per_s), format_float(lapse),
-                         p.display, format_float(self._smoothed))
+                         p.display, format_float(self.smoothed_loss))
                 timer = time.perf_counter()
                 self._iterations_last = self.iter
                 for line in output_lines("Train", *net_output_values(self.net)):
@@ -253,17 +232,6 @@ class Solver:
                 self.requested_early_exit = True
                 break
 
-    def _update_smoothed_loss(self, loss: np.float32, start_iter: int, average_loss: int) -> None:
-        if len(self._losses) < average_loss:
-            self._losses.append(loss)
-            size = len(self._losses)
-            self._smoothed = _f32((self._smoothed * _f32(size - 1) + loss) / _f32(size))
-        else:
-            idx = (self.iter - start_iter) % average_loss
-            self._smoothed = _f32(self._smoothed + (loss - self._losses[idx]) / _f32(average_loss))
-            self._losses[idx] = loss
-        self.smoothed_loss = float(self._smoothed)
-
     def solve(self, resume_file: str | None = None) -> None:
         """Train to max_iter (Caffe's Solver::Solve), optionally restoring a solver state first."""
         p = self.param
@@ -273,7 +241,6 @@ class Solver:
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
-        start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -283,8 +250,8 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             with torch.no_grad():
                 loss = _f32(self.net.forward())
-            self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            log.info("Iteration %d, loss = %s", self.iter, format_float(self._smoothed))
+            self.smoothed_loss = float(self._smoothing.add(loss))
+            log.info("Iteration %d, loss = %s", self.iter, format_float(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         log.info("Optimization Done.")
