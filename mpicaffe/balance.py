@@ -13,14 +13,11 @@ with the whole batch.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mpicaffe.data.sharding import BatchPlan
 from mpicaffe.errors import UserError
-
-if TYPE_CHECKING:
-    from mpicaffe.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ def split_by_speed(global_batch: int, seconds_per_sample: list[float]) -> list[i
 class Balancer:
     """Measures this rank's compute time for `iters` iterations, then re-splits the batch (once)."""
 
-    def __init__(self, trainer: Trainer, iters: int):
+    def __init__(self, trainer, iters: int):
         self.trainer, self.iters = trainer, iters
         self.samples: list[float] = []
         self.done = False
@@ -73,9 +70,7 @@ class Balancer:
         per_sample = comm.allgather(float(np.median(self.samples)) / plan.local)
         split = split_by_speed(plan.global_batch, per_sample)
         local = split[comm.rank]
-        comm.agreed(lambda: trainer.backend.reshard(local))
-        plan.local, plan.weight = local, local * comm.size / plan.global_batch
-        trainer.reducer.weight = np.float32(plan.weight)
+        trainer.apply_plan(BatchPlan(plan.prototxt_batch, local, plan.global_batch, local * comm.size / plan.global_batch))
         if comm.rank == 0:
             log.info("Balance at iteration %d: median compute per sample %s ms; per-rank batch %s (global %d)",
                      trainer.solver.iter, ", ".join(f"{1e3 * s:.3f}" for s in per_sample),

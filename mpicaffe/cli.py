@@ -13,11 +13,11 @@ import traceback
 
 from mpicaffe import __version__
 from mpicaffe.backends import BACKENDS
-from mpicaffe.comm import RankError
 from mpicaffe.errors import UserError
 from mpicaffe.logs import setup_logging
+from mpicaffe.parallel.comm import RankError
+from mpicaffe.parallel.stall import STALL_EXIT_CODE
 from mpicaffe.signals import EFFECTS, STOPPED_EXIT_CODE
-from mpicaffe.stall import STALL_EXIT_CODE
 
 _GFLAG = re.compile(r"^-([A-Za-z][A-Za-z0-9_]+)(=.*)?$")
 
@@ -69,7 +69,8 @@ def _apoptosis_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mpicaffe import trainer
-    from mpicaffe.comm import create_communicator
+    from mpicaffe.config import TrainConfig
+    from mpicaffe.parallel.comm import create_communicator
 
     comm = create_communicator()
     # rank 0 alone logs progress; the others report warnings and errors
@@ -81,17 +82,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threads = max(1, (os.cpu_count() or 1) // comm.local_size)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries loaded later (Caffe's BLAS)
-    cfg = trainer.TrainConfig(
+    cfg = TrainConfig(
         solver=args.solver, weights=args.weights, snapshot=args.snapshot, gpu=args.gpu, level=args.level,
         stages=args.stage, global_batch=args.global_batch, scale_lr=args.scale_lr, overlap=not args.no_overlap,
         bucket_mb=args.bucket_mb, check_every=args.check_every, metrics=args.metrics, timeline=args.timeline,
         timeline_iters=args.timeline_iters, backend=args.backend, shard_cache=args.shard_cache,
-        fault_tolerance=args.fault_tolerance, stall_timeout=args.stall_timeout, apoptosis=_apoptosis_config(args))
-    cfg.resume, cfg.snapshot_every_minutes, cfg.keep_snapshots = (args.resume, args.snapshot_every_minutes,
-                                                                   args.keep_snapshots)
-    cfg.sigint_effect, cfg.sighup_effect = args.sigint_effect, args.sighup_effect
-    cfg.stage_data = args.stage_data
-    cfg.devices, cfg.balance, cfg.balance_iters = args.devices, args.balance, args.balance_iters
+        fault_tolerance=args.fault_tolerance, stall_timeout=args.stall_timeout, apoptosis=_apoptosis_config(args),
+        resume=args.resume, snapshot_every_minutes=args.snapshot_every_minutes, keep_snapshots=args.keep_snapshots,
+        sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect, stage_data=args.stage_data,
+        devices=args.devices, balance=args.balance, balance_iters=args.balance_iters,
+        on_divergence=args.on_divergence, divergence_lr_factor=args.divergence_lr_factor,
+        divergence_retries=args.divergence_retries)
     try:
         stopped = trainer.train(cfg, comm).stopped_early
     except RankError:
@@ -220,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot",
                       help="what SIGHUP does (Caffe's -sighup_effect; default snapshot). SIGTERM and SIGUSR1 "
                            f"always snapshot and stop; a run stopped by a signal exits with {STOPPED_EXIT_CODE}")
+    div = p.add_argument_group("divergence (a non-finite loss or weights; see docs/fault-tolerance.md)")
+    div.add_argument("--on-divergence", choices=("stop", "rollback"), default="stop",
+                     help="stop: exit 1 naming the iteration and the first layer that went non-finite (default); "
+                          "rollback: go back to the newest verified snapshot with a smaller learning rate")
+    div.add_argument("--divergence-lr-factor", type=float, default=0.1, metavar="F",
+                     help="rollback: multiply base_lr by F at each rollback (default 0.1)")
+    div.add_argument("--divergence-retries", type=int, default=3, metavar="N",
+                     help="rollback: at most N rollbacks in a run, then stop (default 3)")
     _add_state(p)
     p.set_defaults(func=_cmd_train)
 

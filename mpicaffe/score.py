@@ -10,7 +10,7 @@ from mpicaffe import prototxt
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
 from mpicaffe.backends.engine.solver import net_output_values
-from mpicaffe.caffe_log import format_float
+from mpicaffe.logs import format_float
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)

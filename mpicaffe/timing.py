@@ -15,7 +15,7 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
-from mpicaffe.caffe_log import format_float
+from mpicaffe.logs import format_float
 
 log = logging.getLogger(__name__)
 

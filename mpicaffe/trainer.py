@@ -9,28 +9,32 @@ snapshots. With one process this is exactly `caffe train`.
 
 The loop is the same for both backends; what differs (building the solver and giving it its data
 shard, the start state, gradient reduction, test sums, timings) is behind a small adapter per
-backend, with the members `TrainingBackend` lists: mpicaffe.backends.engine_training for the
+backend, with the members `mpicaffe.backends.training.TrainingBackend` lists: engine_training for the
 built-in engine, mpicaffe.backends.caffe_training for real Caffe through pycaffe.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from mpicaffe import progress, prototxt, snapshot
 from mpicaffe.backends import resolve_backend
 from mpicaffe.backends.engine.lr_policy import learning_rate
-from mpicaffe.caffe_log import SmoothedLoss, format_float, output_lines
-from mpicaffe.comm import Communicator, create_communicator, digest
-from mpicaffe.data.sharding import shard_bounds, test_share
+from mpicaffe.backends.training import open_backend
+from mpicaffe.balance import Balancer
+from mpicaffe.config import TrainConfig
+from mpicaffe.data.sharding import BatchPlan, plan_batches, test_share
 from mpicaffe.errors import UserError
+from mpicaffe.logs import SmoothedLoss, format_float, output_lines
+from mpicaffe.parallel import recovery, stall
+from mpicaffe.parallel.comm import Communicator, RankError, create_communicator, digest
 from mpicaffe.proto import caffe_pb2
+from mpicaffe.prune.apoptosis import Apoptosis
 from mpicaffe.signals import RunControl
 from mpicaffe.telemetry import Telemetry
 
@@ -39,62 +43,6 @@ log = logging.getLogger(__name__)
 # data layers whose batch the trainer sets per rank and which read a rank's shard
 SHARDED_TYPES = {"Data": "data_param", "ImageData": "image_data_param"}
 NEVER = 2**31 - 1
-
-
-@dataclass
-class TrainConfig:
-    """What `mpicaffe train` was asked to do."""
-
-    solver: str
-    weights: str | None = None
-    snapshot: str | None = None
-    gpu: str | None = None
-    level: int = 0
-    stages: list[str] = field(default_factory=list)
-    global_batch: int | None = None
-    scale_lr: bool = False
-    overlap: bool = True
-    bucket_mb: float = 1.0
-    check_every: int = 100
-    metrics: str | None = None
-    timeline: str | None = None
-    timeline_iters: int = 10
-    backend: str = "engine"
-    shard_cache: str | None = None
-    fault_tolerance: str = "none"  # "ulfm": survive rank failures in-run (mpicaffe.elastic)
-    stall_timeout: float = 0.0     # > 0: report a stalled rank and abort after this many seconds (mpicaffe.stall)
-    apoptosis: object | None = None  # mpicaffe.prune.apoptosis.ApoptosisConfig (--prune-every): shrink while training
-    resume: str | None = None           # "auto": the newest verified snapshot of the manifest (mpicaffe.snapshot)
-    snapshot_every_minutes: float = 0.0  # > 0: also snapshot when this much time passed since the last one
-    keep_snapshots: int = 0             # > 0: delete all but the newest K snapshots of the manifest
-    sigint_effect: str = "stop"         # Caffe's --sigint_effect: snapshot, stop or none
-    sighup_effect: str = "snapshot"     # Caffe's --sighup_effect
-    stage_data: str | None = None       # copy each rank's LMDB shards here first (mpicaffe.data.staging)
-    devices: str | None = None          # per-rank devices "cuda:0,cpu,..." or one for all (mpicaffe.devices)
-    balance: str = "none"               # "auto": per-rank batches by measured speed (mpicaffe.balance)
-    balance_iters: int = 10             # iterations measured before balancing
-
-
-@dataclass
-class BatchPlan:
-    """Per-rank batch sizes: the prototxt's batch, this rank's batch, the global batch, and the
-    weight of this rank's gradient in the average."""
-
-    prototxt_batch: int
-    local: int
-    global_batch: int
-    weight: float
-
-
-def plan_batches(prototxt_batch: int, size: int, rank: int, global_batch: int | None) -> BatchPlan:
-    """Keep the prototxt's batch on every rank (global = ranks x batch), or split `global_batch`
-    over the ranks as evenly as possible (earlier ranks take the remainder)."""
-    if global_batch is None:
-        return BatchPlan(prototxt_batch, prototxt_batch, prototxt_batch * size, 1.0)
-    if global_batch < size:
-        raise UserError(f"--global-batch {global_batch} is smaller than the number of ranks ({size})")
-    lo, hi = shard_bounds(global_batch, rank, size)
-    return BatchPlan(prototxt_batch, hi - lo, global_batch, (hi - lo) * size / global_batch)
 
 
 def _data_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
@@ -177,81 +125,6 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator, backend: str = "engine"
     return original, run, plan
 
 
-def _check_heterogeneous(cfg: TrainConfig, backend: str) -> None:
-    """--devices and --balance need the built-in engine (and balancing, a fixed set of ranks)."""
-    if cfg.devices and cfg.gpu is not None:
-        raise UserError("give --gpu or --devices, not both")
-    if backend == "caffe" and cfg.devices:
-        raise UserError(f"--devices {cfg.devices}: the Caffe backend runs Caffe in CPU mode on every rank; use "
-                        "--backend engine for per-rank devices")
-    if cfg.balance == "auto":
-        if backend == "caffe":
-            raise UserError("--balance auto needs --backend engine: Caffe's Data layer fixes its batch size when "
-                            "the net is built, so a rank's batch cannot change during training")
-        if cfg.fault_tolerance == "ulfm":
-            raise UserError("--balance auto and --fault-tolerance ulfm cannot be combined yet: a recovery "
-                            "re-splits the global batch evenly")
-        if cfg.balance_iters < 1:
-            raise UserError(f"--balance-iters {cfg.balance_iters}: need at least one iteration to measure")
-
-
-class Reducer(Protocol):
-    """Gradient averaging (mpicaffe.reducer), run from the solver's callbacks."""
-
-    seconds: float
-
-    def start(self) -> None: ...
-
-    def finish(self) -> None: ...
-
-
-class TrainingBackend(Protocol):
-    """What the trainer needs from a backend, beyond the solver interface (mpicaffe.backends).
-
-    Constructed as `Backend(cfg, comm, solver as written, solver each rank runs)`, collectively:
-    every rank builds its solver reading its own data shard, the start state (`--weights`,
-    `--snapshot`) is loaded and broadcast from rank 0, and a resumed run's data layers start
-    where the interrupted run was. A UserError on any rank is raised on all.
-    """
-
-    name: str
-    solver: object           # step, iter, loss, net, test_nets, add_callback, snapshot
-    current_step: int        # Caffe's current_step after the last step (lr policy state)
-    timings: dict[str, float]  # seconds so far in the train net's data wait, forward, backward
-
-    def make_reducer(self, weight: float) -> Reducer:
-        """The gradient averaging for this backend, this rank's gradient weighted by `weight`."""
-
-    def parameter_arrays(self) -> list[np.ndarray]:
-        """The train net's learned parameters, as numpy arrays (for the checksum)."""
-
-    def statistics_arrays(self) -> list[np.ndarray]:
-        """Views of the train net's statistics blobs (BatchNorm's), which each rank accumulates
-        from its own batches in forward, as in Caffe's data-parallel training."""
-
-    def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
-        """Names, float32 values and loss weights of each element of `net`'s outputs."""
-
-    def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
-        """Forward test net `i` `count` times with the train net's weights: output names, the
-        float32 sum of each output element, loss weights, the summed loss."""
-
-    def close(self) -> None:
-        """Release data readers and temporary files."""
-
-
-def open_backend(name: str, cfg: TrainConfig, comm: Communicator, param: caffe_pb2.SolverParameter,
-                 run_param: caffe_pb2.SolverParameter) -> TrainingBackend:
-    """The training adapter of backend `name` ('engine' or 'caffe'), built collectively."""
-    if name == "caffe":
-        from mpicaffe.backends.caffe_training import CaffeTraining
-
-        return CaffeTraining(cfg, comm, param, run_param)
-    from mpicaffe.backends.engine_training import EngineTraining
-
-    return EngineTraining(cfg, comm, param, run_param)
-
-
 class Trainer:
     """The distributed training loop around one backend solver (see the module docstring)."""
 
@@ -260,10 +133,8 @@ class Trainer:
         self.comm = comm
         error = None
         try:
-            if cfg.weights and cfg.snapshot:
-                raise UserError("give a snapshot to resume training or weights to finetune, but not both")
             backend = resolve_backend(cfg.backend)
-            _check_heterogeneous(cfg, backend)
+            cfg.check(backend, comm.size)
             self.param, self.run_param, self.plan = prepare_solver(cfg, comm, backend)
         except UserError as e:
             error = e
@@ -273,31 +144,42 @@ class Trainer:
                                                       cfg.snapshot_every_minutes))
         self.control.install()
         self.stopped_early = ""  # why, when a signal stopped the run
+        self._rollbacks = 0  # --on-divergence rollback: how many so far
         self._snapshot_iter = -1
         if cfg.resume:
             self._resume_auto()
-        self.backend = open_backend(backend, cfg, comm, self.param, self.run_param)
+        self.backend = open_backend(backend, self.cfg, comm, self.param, self.run_param)
         self.solver = self.backend.solver
         self.reducer = self.backend.make_reducer(self.plan.weight)
-        # looked up at each call: pruning (mpicaffe.prune.apoptosis) replaces the reducer when the net shrinks
+        # looked up at each call: pruning (mpicaffe.prune.apoptosis) rebuilds the reducer when the net shrinks
         self.solver.add_callback(lambda: self.reducer.start(), lambda: self.reducer.finish())
         self.telemetry = Telemetry(comm.rank, cfg.metrics, cfg.timeline, cfg.timeline_iters,
                                    self.param.max_iter)
         self._smoothing = SmoothedLoss(self.param.average_loss)  # on this rank, averaged over ranks at display
-        self.recovery = None  # mpicaffe.elastic.TrainingState under --fault-tolerance ulfm
         self.balancer = None
         if cfg.balance == "auto" and comm.size > 1:
-            from mpicaffe.balance import Balancer
-
             self.balancer = Balancer(self, cfg.balance_iters)
         self.apoptosis = None
         if cfg.apoptosis is not None:
-            from mpicaffe.prune.apoptosis import Apoptosis
-
             self.apoptosis = comm.agreed(lambda: Apoptosis(cfg.apoptosis, self))
 
+    # --- what extensions (balance, recovery, pruning) change, through these methods only ---
+    def apply_plan(self, plan: BatchPlan) -> None:
+        """Collective: train from now on with the per-rank batches of `plan`: each rank reads its
+        shard at its new batch (where a run with that plan would be), and its gradient gets the
+        plan's weight in the average."""
+        self.comm.agreed(lambda: self.backend.reshard(plan.local))
+        self.plan = plan
+        self.reducer.weight = np.float32(plan.weight)
+
+    def rebuild_reducer(self) -> None:
+        """A new gradient reducer over the train net's parameters, after they changed shape."""
+        self.reducer = self.backend.make_reducer(self.plan.weight)
+
     # --- the loop ---
-    def run(self) -> None:
+    def run(self, recovery=None) -> None:
+        """Train to max_iter (or a stop signal). `recovery`, a mpicaffe.parallel.recovery.TrainingState,
+        is committed at the start of every iteration."""
         p, solver, comm = self.param, self.solver, self.comm
         if comm.rank == 0:
             self._log_plan()
@@ -311,20 +193,25 @@ class Trainer:
         display_from = solver.iter
         while solver.iter < p.max_iter:
             it = solver.iter
-            if self.recovery is not None:
-                self.recovery.commit()
+            if recovery is not None:
+                recovery.commit()
             if p.test_interval and it % p.test_interval == 0 and (it > 0 or p.test_initialization):
                 with self.telemetry.phase("test", it):
                     self.test_all()
             self.telemetry.begin_iteration(it, self.backend, self.reducer)
             if self.balancer is not None:
                 self.balancer.before_iteration()
-            solver.step(1)
+            with comm.labelled("gradient allreduce"):  # the train step's only collectives
+                solver.step(1)
+            if not self._finite():
+                self._diverged(it)  # stops, or rolls back to a snapshot
+                continue
             self._smoothing.add(solver.loss)
             rate = learning_rate(self.run_param, it, self.backend.current_step, announce=False)[0]
             self.telemetry.end_iteration(it, self.backend, self.reducer, solver.loss, rate)
             if self.balancer is not None:
-                self.balancer.after_iteration()
+                with comm.labelled("batch balancing"):
+                    self.balancer.after_iteration()
             if p.display and it % p.display == 0:
                 lapse = time.perf_counter() - display_timer
                 self._display(it, (it - display_from) / (lapse or 1), lapse, rate)
@@ -332,7 +219,8 @@ class Trainer:
             if self.cfg.check_every and solver.iter % self.cfg.check_every == 0:
                 self.check_parameters_agree()
             if self.apoptosis is not None:
-                self.apoptosis.after_iteration()
+                with comm.labelled("pruning"):
+                    self.apoptosis.after_iteration()
             if p.snapshot and solver.iter % p.snapshot == 0:
                 self.snapshot()
             if self._stop_requested():
@@ -351,7 +239,8 @@ class Trainer:
 
     def _log_data_wait(self, iterations: int) -> None:
         """Collective: rank 0 logs the mean time per iteration the ranks waited for their train data."""
-        waits = self.comm.allgather(self.backend.timings["data"] / max(1, iterations))
+        with self.comm.labelled("data-wait summary"):
+            waits = self.comm.allgather(self.backend.timings["data"] / max(1, iterations))
         if self.comm.rank == 0 and iterations:
             slowest = int(np.argmax(waits))
             log.info("Data wait per iteration: %.2f ms mean across ranks (%.2f ms on rank %d, the most)",
@@ -370,7 +259,8 @@ class Trainer:
     def _display(self, it: int, per_s: float, lapse: float, rate: float) -> None:
         names, values, weights = self.backend.output_values(self.solver.net)
         buf = np.concatenate([[self._smoothing.value], values]).astype(np.float32)
-        self.comm.allreduce_mean_(buf)
+        with self.comm.labelled("display (loss average)"):
+            self.comm.allreduce_mean_(buf)
         if self.comm.rank == 0:
             log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", it, format_float(per_s),
                      format_float(lapse), self.param.display, format_float(buf[0]))
@@ -382,11 +272,9 @@ class Trainer:
     def test_all(self) -> list[list[tuple[str, float]]]:
         """Test every test net with its test_iter batches split across ranks; rank 0 logs Caffe's
         lines. Returns the mean scores per test net (on every rank)."""
-        self.share_rank0_statistics()
-        results = []
-        for i in range(len(self.solver.test_nets)):
-            results.append(self.test(i))
-        return results
+        with self.comm.labelled("test phase (score sums)"):
+            self.share_rank0_statistics()
+            return [self.test(i) for i in range(len(self.solver.test_nets))]
 
     def test(self, i: int) -> list[tuple[str, float]]:
         solver, comm = self.solver, self.comm
@@ -418,7 +306,8 @@ class Trainer:
         """Collective: stop with a clear error if the ranks' weights are not bit-identical."""
         if self.comm.size > 1:
             weights = digest(*(a.tobytes() for a in self.backend.parameter_arrays()))
-            self.comm.check_same(weights, f"the weights at iteration {self.solver.iter} (ranks diverged)")
+            with self.comm.labelled("weights checksum"):
+                self.comm.check_same(weights, f"the weights at iteration {self.solver.iter} (ranks diverged)")
 
     def snapshot(self) -> None:
         """Rank 0 writes a snapshot of the current iteration (once) and records it in the manifest."""
@@ -432,15 +321,68 @@ class Trainer:
 
     def write_snapshot(self) -> tuple[str, str]:
         """Write a snapshot on this rank (rank 0's duty, or the lowest live rank's) and record it in
-        the manifest once both files are complete (mpicaffe.snapshot). Returns the two paths."""
+        the manifest once both files are complete (mpicaffe.snapshot). Returns the two paths.
+        Weights that are not finite are never written: `--resume auto` must not find them."""
+        if not self.backend.finite():
+            raise UserError(f"no snapshot written at iteration {self.solver.iter}: the weights are not finite")
         weights, state = self.solver.snapshot()
         snapshot.record_snapshot(self.solver.param.snapshot_prefix, weights, state, self.solver.iter, self.comm.size,
                                  self.plan.global_batch, self.cfg.keep_snapshots)
         return weights, state
 
+    # --- divergence ---
+    def _finite(self) -> bool:
+        """Collective, after each iteration: whether every rank's loss and the weights are finite
+        (one reduction of a flag)."""
+        flag = np.array([0 if np.isfinite(self.solver.loss) and self.backend.finite() else 1], np.int32)
+        with self.comm.labelled("divergence check"):
+            self.comm.Allreduce_sum(flag)
+        return flag[0] == 0
+
+    def _diverged(self, it: int) -> None:
+        """Collective, after iteration `it` went non-finite: stop with an error naming it and where
+        the values first went non-finite, or (--on-divergence rollback, at most --divergence-retries
+        times) go back to the newest verified snapshot with base_lr times --divergence-lr-factor."""
+        comm, cfg = self.comm, self.cfg
+        with comm.labelled("divergence report"):
+            losses = comm.allgather(float(self.solver.loss))
+            places = comm.allgather(self.backend.first_non_finite())
+        bad = [r for r, loss in enumerate(losses) if not np.isfinite(loss)]
+        what = (f"loss = {format_float(losses[bad[0]])} on rank(s) {', '.join(map(str, bad))}" if bad
+                else "the loss is finite, but the update made the weights non-finite")
+        first = next(((r, place) for r, place in enumerate(places) if place), None)
+        where = "" if first is None else f"; first non-finite: {first[1]}" + (f" (rank {first[0]})" if comm.size > 1 else "")
+        message = f"Training diverged at iteration {it}: {what}{where}"
+        if cfg.on_divergence == "rollback" and self._rollbacks < cfg.divergence_retries:
+            prefix = self.param.snapshot_prefix
+            with comm.labelled("divergence rollback"):
+                found = comm.bcast(comm.agreed(lambda: snapshot.latest_verified_snapshot(prefix) if comm.rank == 0
+                                               else None), root=0)
+                if found is not None:
+                    path, record = found
+                    self._rollbacks += 1
+                    rate = float(np.float32(self.run_param.base_lr * cfg.divergence_lr_factor))
+                    if comm.rank == 0:
+                        log.warning("%s. Rolling back (%d of at most %d) to the snapshot of iteration %d (%s) with "
+                                    "base_lr %s (%s x %s)", message, self._rollbacks, cfg.divergence_retries,
+                                    record.iteration, path, format_float(rate), format_float(self.run_param.base_lr),
+                                    format_float(cfg.divergence_lr_factor))
+                    if self.backend.rollback(path, rate):
+                        self.rebuild_reducer()
+                    self.run_param.base_lr = rate
+                    self._smoothing = SmoothedLoss(self.param.average_loss)
+                    return
+            message += f"; no verified snapshot in {snapshot.manifest_path(prefix)} to roll back to"
+        elif cfg.on_divergence == "rollback":
+            message += f"; rolled back {self._rollbacks} time(s) already (--divergence-retries)"
+        else:
+            message += " (lower base_lr, or see --on-divergence rollback)"
+        raise RankError(message, comm.rank)
+
     def _stop_requested(self) -> bool:
         """Collective, after each iteration: act on signals and the snapshot timer (mpicaffe.signals)."""
-        action = self.control.at_boundary(self.solver.iter)
+        with self.comm.labelled("signal agreement at the iteration boundary"):
+            action = self.control.at_boundary(self.solver.iter)
         if action.snapshot:
             self.snapshot()
         if self.comm.rank == 0 and progress.enabled():
@@ -461,7 +403,8 @@ class Trainer:
             found = snapshot.latest_verified_snapshot(prefix)
             return None if found is None else (found[0], found[1].iteration, found[1].ranks, found[1].global_batch)
 
-        found = comm.bcast(comm.agreed(choose), root=0)
+        with comm.labelled("resume (choosing the snapshot)"):
+            found = comm.bcast(comm.agreed(choose), root=0)
         if found is None:
             if comm.rank == 0:
                 start = (f"from --snapshot {cfg.snapshot}" if cfg.snapshot else
@@ -469,7 +412,7 @@ class Trainer:
                 log.info("--resume auto: no verified snapshot in %s; starting %s", snapshot.manifest_path(prefix), start)
             return
         path, iteration, ranks, global_batch = found
-        cfg.snapshot, cfg.weights = path, None
+        self.cfg = dataclasses.replace(cfg, snapshot=path, weights=None)
         if comm.rank == 0:
             log.info("--resume auto: resuming from %s (iteration %d, written by %d rank(s) with global batch %d)",
                      path, iteration, ranks, global_batch)
@@ -485,16 +428,12 @@ def train(cfg: TrainConfig, comm: Communicator | None = None) -> Trainer:
     if cfg.stall_timeout:
         comm.watch_stalls(cfg.stall_timeout)
     if cfg.fault_tolerance == "ulfm":
-        from mpicaffe import elastic
-
-        elastic.prepare(cfg, comm)
+        recovery.prepare(cfg, resolve_backend(cfg.backend), comm)
     trainer = Trainer(cfg, comm)
     if cfg.stall_timeout:
-        from mpicaffe import stall
-
         stall.watch_training(trainer)
     if cfg.fault_tolerance == "ulfm":
-        elastic.run(trainer)
+        recovery.run(trainer)
     else:
         trainer.run()
     return trainer

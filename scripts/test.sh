@@ -12,4 +12,6 @@ cd "$(dirname "$0")/.."
 # buildah and debootstrap for tests/deploy, which build the container images (cached by content)
 ./scripts/setup_containers.sh
 ruff check mpicaffe tests scripts
+# the architecture contracts in pyproject.toml (no import cycles, mpi4py only in mpicaffe.parallel, ...)
+lint-imports
 python -m pytest -ra "$@" tests

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from mpicaffe import snapshot
-from mpicaffe.comm import Communicator
 from mpicaffe.errors import UserError
+from mpicaffe.parallel.comm import Communicator
 from mpicaffe.signals import STOPPED_EXIT_CODE, RunControl
 from mpicaffe.supervisor import STOPPED_EXIT_CODE as SUPERVISOR_STOPPED
 

@@ -22,58 +22,25 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpicaffe import prototxt
 from mpicaffe.backends.caffe import CaffeSolver, output_values
-from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.lr_policy import learning_rate
-from mpicaffe.comm import Communicator
+from mpicaffe.backends.engine.snapshot_io import ResumeState, read_resume_state
+from mpicaffe.config import TrainConfig
 from mpicaffe.data import shard_cache, sharding
-from mpicaffe.data.mean_file import array_to_blobproto
 from mpicaffe.errors import UserError
+from mpicaffe.parallel.comm import Communicator
+from mpicaffe.parallel.reducer import FusedReducer
 from mpicaffe.proto import caffe_pb2
-from mpicaffe.reducer import FusedReducer
-
-if TYPE_CHECKING:
-    from mpicaffe.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
 READERS = ("Data", "ImageData")
 # Caffe keeps two history blobs per parameter for these solvers (AdaDeltaPreSolve, AdamPreSolve)
 HISTORY_SETS = {"AdaDelta": 2, "Adam": 2}
-
-
-@dataclass
-class ResumeState:
-    """A snapshot as rank 0 read it, to be restored on every rank: a binary SolverState without
-    learned_net, and the bytes of the weights file it named."""
-
-    iter: int
-    current_step: int
-    state: bytes
-    weights: bytes | None
-    weights_suffix: str
-
-
-def read_resume_state(path: str) -> ResumeState:
-    """Read a .solverstate(.h5) and the weights it names (as Caffe finds them, or next to it)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: solver state file not found")
-    data = snapshot_io.read_solver_state(path)
-    state = caffe_pb2.SolverState(iter=data.iter, current_step=data.current_step)
-    state.history.extend(array_to_blobproto(h) for h in data.history)
-    weights, suffix = None, ""
-    if data.learned_net:
-        weights_path = snapshot_io.resolve_learned_net(data.learned_net, path)
-        with open(weights_path, "rb") as f:
-            weights = f.read()
-        suffix = ".caffemodel.h5" if weights_path.endswith(".h5") else ".caffemodel"
-    return ResumeState(data.iter, data.current_step, state.SerializeToString(), weights, suffix)
 
 
 class CaffeTraining:
@@ -112,9 +79,6 @@ class CaffeTraining:
 
     # --- start state ---
     def _check_and_read_resume(self) -> ResumeState | None:
-        if self.cfg.gpu:
-            raise UserError(f"--gpu {self.cfg.gpu}: the Caffe backend runs Caffe in CPU mode; use --backend engine "
-                            "to train on GPUs")
         if self.cfg.snapshot and self.comm.rank == 0:
             log.info("Resuming from %s", self.cfg.snapshot)
             return read_resume_state(self.cfg.snapshot)
@@ -206,7 +170,8 @@ class CaffeTraining:
     def _broadcast_parameters(self) -> None:
         """Make every rank start from rank 0's weights (the iteration and history came from the
         same snapshot bytes on every rank)."""
-        self.comm.Bcast_arrays(self.solver.parameter_arrays(), root=0)
+        with self.comm.labelled("start-state broadcast"):
+            self.comm.Bcast_arrays(self.solver.parameter_arrays(), root=0)
 
     # --- per iteration ---
     def _advance_step(self) -> None:
@@ -275,6 +240,38 @@ class CaffeTraining:
             names, values, weights = output_values(net)
             sums = values if k == 0 else sums + values
         return names, sums, weights, loss
+
+    def finite(self) -> bool:
+        """Whether the train net's weights and statistics are all finite."""
+        return all(bool(np.isfinite(a).all()) for a in self.solver.parameter_arrays())
+
+    def first_non_finite(self) -> str | None:
+        """As the engine's Net.first_non_finite, on the pycaffe net."""
+        net = self.solver.net
+        names = list(net._layer_names)
+        for name, layer in zip(names, net.layers):
+            for top in net.top_names[name]:
+                if not np.isfinite(net.blobs[top].data).all():
+                    return f"layer '{name}' ({layer.type}): its top '{top}' in forward"
+        types = dict(zip(names, (layer.type for layer in net.layers)))
+        for kind, order in (("gradient", reversed(names)), ("value", names)):
+            for name in order:
+                for j, blob in enumerate(net.params.get(name, ())):
+                    if not np.isfinite(blob.diff if kind == "gradient" else blob.data).all():
+                        return f"layer '{name}' ({types[name]}): the {kind} of its parameter {j}"
+        return None
+
+    def rollback(self, state_path: str, base_lr: float) -> bool:
+        """Collective: rebuild the pycaffe solver at `base_lr` and restore the snapshot
+        `state_path` (read on rank 0) on every rank, its data read from the snapshot's iteration,
+        as a resumed run does. Returns True: the solver was rebuilt (a new reducer is needed)."""
+        state = self.comm.bcast(self.comm.agreed(lambda: read_resume_state(state_path) if self.comm.rank == 0
+                                                 else None), root=0)
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(self.source_param)
+        param.base_lr = base_lr
+        self.rebuild(param, state)
+        return True
 
     def close(self) -> None:
         if self._scratch:

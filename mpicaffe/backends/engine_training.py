@@ -10,20 +10,18 @@ the shard instead (`read_staged`, mpicaffe.data.staging).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from mpicaffe.backends.engine import snapshot_io, solver_ranks
 from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_values
-from mpicaffe.comm import Communicator
+from mpicaffe.config import TrainConfig
 from mpicaffe.data import sharding, staging
 from mpicaffe.devices import rank_device, select_device
+from mpicaffe.parallel.comm import Communicator
+from mpicaffe.parallel.reducer import BucketReducer, FusedReducer
 from mpicaffe.proto import caffe_pb2
-from mpicaffe.reducer import BucketReducer, FusedReducer
-
-if TYPE_CHECKING:
-    from mpicaffe.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +84,11 @@ class EngineTraining:
         solver, comm = self.solver, self.comm
         if comm.size == 1:
             return
-        comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
-        for h in solver.history:
-            comm.Bcast(h.numpy(), root=0)
-        solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
+        with comm.labelled("start-state broadcast"):
+            comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
+            for h in solver.history:
+                comm.Bcast(h.numpy(), root=0)
+            solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
 
     def _skip_read_records(self) -> None:
         """On resume at iteration K, start each data layer where an uninterrupted run would be
@@ -156,6 +155,22 @@ class EngineTraining:
     def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
         names, sums, weights, loss, _ = self.solver.test_sums(i, count)
         return names, sums, weights, loss
+
+    def finite(self) -> bool:
+        """Whether the train net's weights and statistics are all finite."""
+        return bool(torch.isfinite(self.solver.net.flat_data.detach()).all())
+
+    def first_non_finite(self) -> str | None:
+        return self.solver.net.first_non_finite()
+
+    def rollback(self, state_path: str, base_lr: float) -> bool:
+        """Collective: go back to the snapshot `state_path` (rank 0 reads it; every rank takes its
+        weights, history and iteration) and train on at `base_lr`; the data layers read on. Returns
+        whether the solver was rebuilt (no: the reducer still holds)."""
+        self.comm.agreed(lambda: self.solver.restore(state_path) if self.comm.rank == 0 else None)
+        self._broadcast_state()
+        self.run_param.base_lr = base_lr
+        return False
 
     def close(self) -> None:
         for net in [self.solver.net, *self.solver.test_nets]:

@@ -19,6 +19,7 @@ Finding where a range starts in an LMDB without reading the database (`seek_reco
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from mpicaffe.errors import UserError
 
@@ -123,3 +124,25 @@ def batches_read(param, iteration: int, rank: int, size: int) -> tuple[int, list
         tests_done = sum(1 for t in range(0, iteration, param.test_interval) if t > 0 or param.test_initialization)
     tests = [tests_done * test_share(n, rank, size) for n in param.test_iter]
     return iteration * param.iter_size, tests
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Per-rank batch sizes: the prototxt's batch, this rank's batch, the global batch, and the
+    weight of this rank's gradient in the average."""
+
+    prototxt_batch: int
+    local: int
+    global_batch: int
+    weight: float
+
+
+def plan_batches(prototxt_batch: int, size: int, rank: int, global_batch: int | None) -> BatchPlan:
+    """Keep the prototxt's batch on every rank (global = ranks x batch), or split `global_batch`
+    over the ranks as evenly as possible (earlier ranks take the remainder)."""
+    if global_batch is None:
+        return BatchPlan(prototxt_batch, prototxt_batch, prototxt_batch * size, 1.0)
+    if global_batch < size:
+        raise UserError(f"--global-batch {global_batch} is smaller than the number of ranks ({size})")
+    lo, hi = shard_bounds(global_batch, rank, size)
+    return BatchPlan(prototxt_batch, hi - lo, global_batch, (hi - lo) * size / global_batch)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mpicaffe import prototxt
 from mpicaffe.atomic import write_bytes_atomic
+from mpicaffe.backends.engine.snapshot_io import read_resume_state
 from mpicaffe.backends.engine.solver import get_solver
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
@@ -129,9 +130,6 @@ class Apoptosis:
 
     def __init__(self, cfg: ApoptosisConfig, trainer):
         cfg.check()
-        if getattr(trainer.cfg, "fault_tolerance", "none") != "none":
-            raise UserError("--prune-every cannot be combined with --fault-tolerance (the recovery state would "
-                            "keep the unpruned shapes)")
         self.cfg, self.trainer = cfg, trainer
         self.caffe = not hasattr(trainer.solver, "replace_nets")
         nets = prototxt.solver_nets(trainer.param, trainer.cfg.solver)
@@ -168,7 +166,7 @@ class Apoptosis:
         before = {g.name: g.channels for g in analysis.groups}
         cuts = prune_solver(solver, removed, analysis)
         self.net_param = prune_net_param(self.net_param, cuts)
-        self.trainer.reducer = self.trainer.backend.make_reducer(self.trainer.plan.weight)
+        self.trainer.rebuild_reducer()
         if comm.rank == 0:
             now = Size.of(solver.net)
             self.done = now.within(self.goal)
@@ -191,7 +189,7 @@ class Apoptosis:
         for net in param.test_net_param:
             net.CopyFrom(prune_net_param(net, cuts))
         trainer.backend.rebuild(param, state)
-        trainer.reducer = trainer.backend.make_reducer(trainer.plan.weight)
+        trainer.rebuild_reducer()
         self.net_param = prune_net_param(self.net_param, cuts)
         if comm.rank == 0:
             log.info(report)
@@ -200,7 +198,6 @@ class Apoptosis:
     def _decide_caffe(self, it: int):
         """Rank 0: (cuts, pruned ResumeState, target reached, report) from the snapshot just
         written, or None when nothing is to be removed."""
-        from mpicaffe.backends.caffe_training import read_resume_state
 
         _, state_path = self.trainer.solver.snapshot_paths()
         with _quiet_engine(), tempfile.TemporaryDirectory(prefix="mpicaffe-apoptosis-") as scratch:

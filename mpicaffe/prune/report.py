@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from mpicaffe.backends.engine.solver import net_output_values
-from mpicaffe.caffe_log import format_float
 from mpicaffe.info import MULTIPLY_ADD_TYPES, layer_costs
+from mpicaffe.logs import format_float
 
 
 @dataclass

@@ -2,7 +2,7 @@
 """Apoptosis during training against plain training of the bundled LeNet, side by side.
 
 One run trains the bundled LeNet (prototxt/lenet, its solver unchanged: 2,000 iterations on the
-4,000/1,000 MNIST subset) twice, plainly and with `--prune-every 100` (the README's recommended
+4,000/1,000 MNIST subset) twice, plainly and with `--prune-every 100` (docs/pruning.md's recommended
 flags; others with `--prune-flags`), and prints for both: the final test accuracy (the log's last
 `Test net output #N: accuracy`), the training time, the parameters and multiply-adds per image
 of the net at the end (the last pruned prototxt the run wrote, measured as `mpicaffe prune`'s

@@ -174,7 +174,7 @@ def bench_ulfm(work: str, repeats: int, kill_after: int = 40, after: int = 60, v
 COLLECTIVE_COST = """
 import json, sys, time
 import numpy as np
-from mpicaffe.comm import MPICommunicator
+from mpicaffe.parallel.comm import MPICommunicator
 comm = MPICommunicator()
 out = {}
 for size in (1, 431080):  # one float; LeNet's gradient

@@ -247,7 +247,7 @@ def allreduce_worker(spec_path: str) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpicaffe.comm import MPICommunicator
+    from mpicaffe.parallel.comm import MPICommunicator
 
     with open(spec_path) as f:
         spec = json.load(f)

@@ -14,7 +14,7 @@ import torch
 
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import solver as solver_mod
-from mpicaffe.backends.engine.layers import LAYERS, Layer, layer_types, register
+from mpicaffe.backends.engine.layers import LAYERS, Layer, register
 from mpicaffe.backends.engine.solver import SolverAction, get_solver
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
@@ -638,13 +638,8 @@ def test_in_memory_solver_state_round_trip():
         assert torch.equal(x, y)
 
 
-# --- with the real layers, once the layer families exist ---
+# --- with the real layers ---
 
-def _real_layers_present() -> bool:
-    return {"InnerProduct", "SoftmaxWithLoss"} <= set(layer_types())
-
-
-@pytest.mark.skipif(not _real_layers_present(), reason="InnerProduct/SoftmaxWithLoss not implemented yet")
 @pytest.mark.parametrize("kind", ["SGD", "Adam"])
 def test_inner_product_softmax_net_trains_and_matches_numpy(kind):
     text = """
@@ -681,7 +676,6 @@ def test_inner_product_softmax_net_trains_and_matches_numpy(kind):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.skipif("BatchNorm" not in layer_types(), reason="BatchNorm not implemented yet")
 def test_batchnorm_statistics_are_kept_in_history_but_never_updated():
     text = NET.format(batch=4, lr_w=1, lr_b=1).replace(
         'bottom: "y" bottom: "t" top: "loss"',

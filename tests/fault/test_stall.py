@@ -8,13 +8,15 @@ import time
 import pytest
 
 from mpicaffe.data import datasets
-from mpicaffe.stall import STALL_EXIT_CODE
+from mpicaffe.parallel.stall import STALL_EXIT_CODE
 from tests.fault.rank_faults import BackgroundMPI
 from tests.mpi.test_train_mpi import _setup
 from tests.mpi_harness import run_mpi
 
 TIMEOUT = 10
 ITERS = 200
+PHASES = (r"(gradient allreduce|display \(loss average\)|weights checksum|test phase \(score sums\)|"
+          r"signal agreement at the iteration boundary)")
 
 
 @pytest.mark.parametrize("victim", [1, 0])
@@ -37,8 +39,9 @@ def test_a_stopped_rank_is_named_snapshotted_around_and_aborted(tmp_path, victim
     assert TIMEOUT <= waited < TIMEOUT + 5 + 60
     writer = 1 if victim == 0 else 0
     for rank in {0, 1, 2} - {victim}:
+        # the phase the training code labelled its collectives with (Communicator.labelled)
         assert re.search(rf"rank {rank}: rank\(s\) {victim} stalled: rank\(s\) .* waited \d+\.\d s for them in the "
-                         r".+ \(solver at iteration \d+\) and they did not answer", result.rank_stderr(rank)), \
+                         rf"{PHASES} \(solver at iteration \d+\) and they did not answer", result.rank_stderr(rank)), \
             result.output
     found = re.search(r"snapshot of the last good state: (\S+\.caffemodel), (\S+\.solverstate)",
                       result.rank_stderr(writer))

@@ -9,9 +9,9 @@ SCRIPT = textwrap.dedent("""
     import torch
     from mpicaffe import prototxt
     from mpicaffe.backends.engine.net import Net
-    from mpicaffe.comm import MPICommunicator
+    from mpicaffe.parallel.comm import MPICommunicator
     from mpicaffe.proto import caffe_pb2
-    from mpicaffe.reducer import BucketReducer, FusedReducer
+    from mpicaffe.parallel.reducer import BucketReducer, FusedReducer
 
     TEXT = '''
     layer { name: "x" type: "Input" top: "x" top: "y"

@@ -15,6 +15,7 @@ have Caffe's groups, datasets, shapes and dtypes.
 """
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
@@ -24,7 +25,6 @@ from mpicaffe.backends.engine.solver import get_solver
 from mpicaffe.proto import caffe_pb2
 from tests.parity import solver_setup
 from tests.parity.common import assert_close, compare_params, copy_params, pycaffe
-from tests.parity.test_solver_parity import require_engine_layers
 
 SOLVER = ('type: "{type}" base_lr: 0.05 momentum: 0.9 {extra} lr_policy: "multistep" gamma: 0.5 '
           'stepvalue: 2 stepvalue: 4 stepvalue: 9 weight_decay: 0.001 snapshot_format: {fmt}')
@@ -40,7 +40,6 @@ class Backends:
 
     def __init__(self, tmp_path, solver_type: str, fmt: str):
         pycaffe()
-        require_engine_layers()
         net = solver_setup.write_problem(tmp_path)
         body = SOLVER.format(type=solver_type, extra=TYPES[solver_type], fmt=fmt)
         self.path = solver_setup.write_solver(tmp_path, net, body)
@@ -74,8 +73,6 @@ def _case_ids():
 
 @pytest.mark.parametrize("writer, solver_type, fmt", _case_ids())
 def test_restore_in_the_other_backend_continues_identically(writer, solver_type, fmt, tmp_path):
-    if fmt == "HDF5":
-        pytest.importorskip("h5py")
     b = Backends(tmp_path, solver_type, fmt)
     other = "engine" if writer == "caffe" else "caffe"
     w = b.make(writer, str(tmp_path / "w"))
@@ -225,7 +222,6 @@ def test_solverstate_messages_match_caffes(tmp_path):
 
 
 def test_hdf5_files_have_caffes_layout(tmp_path):
-    h5py = pytest.importorskip("h5py")
     snaps = _snapshots(tmp_path, "HDF5")
 
     def layout(path):

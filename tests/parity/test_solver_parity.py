@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpicaffe.backends.engine.layers import layer_types
 from mpicaffe.backends.engine.solver import get_solver
 from tests.parity import solver_setup
 from tests.parity.common import assert_close, compare_params, copy_params, pycaffe
@@ -58,16 +57,9 @@ CASES |= {
 KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
-def require_engine_layers() -> None:
-    missing = [t for t in solver_setup.TYPES if t not in layer_types()]
-    if missing:
-        pytest.skip(f"the built-in engine lacks {', '.join(missing)}")
-
-
 def build_pair(tmp_path, body: str):
     """(CaffeSolver, engine solver) on the shared problem, the engine holding Caffe's initial weights."""
     pycaffe()
-    require_engine_layers()
     from mpicaffe.backends.caffe import CaffeSolver
 
     net = solver_setup.write_problem(tmp_path)

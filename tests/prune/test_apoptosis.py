@@ -14,8 +14,8 @@ import pytest
 from mpicaffe import prototxt, trainer
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.solver import get_solver
-from mpicaffe.comm import create_communicator
 from mpicaffe.errors import UserError
+from mpicaffe.parallel.comm import create_communicator
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune.apoptosis import ApoptosisConfig
 from mpicaffe.prune.live import analyze_solver, parameter_count, prune_solver

@@ -359,6 +359,23 @@ class Net:
         self.timings["backward"] += time.perf_counter() - mid
         return loss
 
+    def first_non_finite(self) -> str | None:
+        """Where the last forward and backward first went non-finite (divergence): the first layer
+        in forward order with a non-finite top, else the first in backward order with a non-finite
+        parameter gradient, else the first with a non-finite parameter; None if all are finite."""
+        for layer, tops in zip(self.layers, self._top_names):
+            for name in tops:
+                t = self.blobs[name].tensor
+                if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                    return f"layer '{layer.name}' ({layer.type}): its top '{name}' in forward"
+        for kind in ("gradient", "value"):
+            for layer in reversed(self.layers) if kind == "gradient" else self.layers:
+                for j, blob in enumerate(layer.blobs):
+                    t = blob.grad if kind == "gradient" else blob.detach()
+                    if t is not None and not bool(torch.isfinite(t).all()):
+                        return f"layer '{layer.name}' ({layer.type}): the {kind} of its parameter {j}"
+        return None
+
     def close(self) -> None:
         """Stop the layers' background work (data prefetch threads, open output files)."""
         for layer in self.layers:

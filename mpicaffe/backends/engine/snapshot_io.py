@@ -17,6 +17,7 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.atomic import write_bytes_atomic, write_file_atomic
 from mpicaffe.backends.engine.net import Net, ParamInfo, blob_proto_to_tensor
+from mpicaffe.data.mean_file import array_to_blobproto
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
@@ -256,3 +257,31 @@ def resolve_learned_net(learned_net: str, state_path: str) -> str:
         return beside
     raise UserError(f"{state_path}: the solver state's learned_net '{learned_net}' was not found (looked in "
                     f"the working directory {os.getcwd()} and next to the state file)")
+
+
+@dataclass
+class ResumeState:
+    """A snapshot as rank 0 read it, to be restored on every rank: a binary SolverState without
+    learned_net, and the bytes of the weights file it named."""
+
+    iter: int
+    current_step: int
+    state: bytes
+    weights: bytes | None
+    weights_suffix: str
+
+
+def read_resume_state(path: str) -> ResumeState:
+    """Read a .solverstate(.h5) and the weights it names (as Caffe finds them, or next to it)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: solver state file not found")
+    data = read_solver_state(path)
+    state = caffe_pb2.SolverState(iter=data.iter, current_step=data.current_step)
+    state.history.extend(array_to_blobproto(h) for h in data.history)
+    weights, suffix = None, ""
+    if data.learned_net:
+        weights_path = resolve_learned_net(data.learned_net, path)
+        with open(weights_path, "rb") as f:
+            weights = f.read()
+        suffix = ".caffemodel.h5" if weights_path.endswith(".h5") else ".caffemodel"
+    return ResumeState(data.iter, data.current_step, state.SerializeToString(), weights, suffix)

@@ -22,8 +22,8 @@ from mpicaffe import prototxt, upgrade
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.lr_policy import check_lr_policy, learning_rate
 from mpicaffe.backends.engine.net import Net, tensor_to_blob_proto
-from mpicaffe.caffe_log import SmoothedLoss, format_float, output_lines
 from mpicaffe.errors import UserError
+from mpicaffe.logs import SmoothedLoss, format_float, output_lines
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)

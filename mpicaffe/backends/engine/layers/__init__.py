@@ -1,7 +1,8 @@
 """Layer registry: Caffe type string -> engine Layer class.
 
-Each family module registers its classes with `@register`; `create_layer` builds one from a
-LayerParameter and gives a clear error for an unknown type.
+Each family module named in `_FAMILIES` registers its classes with `@register`; `create_layer`
+builds one from a LayerParameter and gives a clear error for an unknown type. A family module
+that is missing or fails to import raises its ImportError rather than leaving its types out.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
 LAYERS: dict[str, type[Layer]] = {}
-_FAMILIES = ("data", "vision", "activation", "normalization", "structure", "loss", "recurrent", "python")
+_FAMILIES = ("inputs", "data", "hdf5_data", "vision", "pooling", "activation", "normalization", "structure",
+             "loss", "recurrent", "python")
 
 
 def register(cls: type[Layer]) -> type[Layer]:
@@ -27,11 +29,7 @@ def register(cls: type[Layer]) -> type[Layer]:
 
 def _load_families() -> None:
     for family in _FAMILIES:
-        try:
-            importlib.import_module(f"{__name__}.{family}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{family}":
-                raise
+        importlib.import_module(f"{__name__}.{family}")
 
 
 def layer_types() -> list[str]:

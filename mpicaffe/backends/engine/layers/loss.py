@@ -15,8 +15,10 @@ import math
 import numpy as np
 import torch
 
+from mpicaffe import prototxt
 from mpicaffe.backends.engine.layers import register
 from mpicaffe.backends.engine.layers.base import Layer, check_axis
+from mpicaffe.data.mean_file import blobproto_to_array
 from mpicaffe.proto import caffe_pb2
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -307,10 +309,11 @@ class InfogainLoss(_Loss):
             if not self.param.infogain_loss_param.HasField("source"):
                 raise self.error("infogain matrix source must be specified (infogain_loss_param { source: ... }) "
                                  "or given as a third bottom")
-            from mpicaffe import prototxt
-            from mpicaffe.backends.engine.net import blob_proto_to_tensor
-
-            self._infogain = blob_proto_to_tensor(prototxt.read_blob(source)).to(self.device)
+            try:
+                matrix = blobproto_to_array(prototxt.read_blob(source))
+            except ValueError as e:
+                raise self.error(f"infogain matrix {source}: {e}") from None
+            self._infogain = torch.from_numpy(matrix).to(self.device)
 
     def forward(self, bottoms):
         self.check_bottoms(bottoms)

@@ -7,6 +7,7 @@ buffers (as mpi4py names them).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,6 +39,23 @@ class Communicator:
     local_size = 1
     name = "single process"
     shrunk = False  # ULFM: whether failed ranks were removed (MPICommunicator.shrink)
+    phase = "start-up"  # what the collectives run now are for (see `labelled`)
+
+    @contextlib.contextmanager
+    def labelled(self, phase: str):
+        """Collectives run inside belong to `phase` of training, which stall reports and ULFM
+        recovery logs name; an exception leaving it carries the innermost phase it left
+        (`failed_phase`)."""
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        except Exception as e:
+            if not hasattr(e, "mpicaffe_phase"):
+                with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+                    e.mpicaffe_phase = phase
+            raise
+        finally:
+            self.phase = outer
 
     def barrier(self) -> None:
         pass
@@ -61,7 +79,7 @@ class Communicator:
         os._exit(code)
 
     def watch_stalls(self, timeout: float) -> None:
-        """Collective: give every later collective a deadline of `timeout` seconds (mpicaffe.stall);
+        """Collective: give every later collective a deadline of `timeout` seconds (mpicaffe.parallel.stall);
         nothing to wait for in a single process."""
 
     def return_errors(self) -> None:
@@ -126,6 +144,11 @@ class Communicator:
             raise RankError(f"ranks disagree on {what} ({listing})", self.rank)
 
 
+def failed_phase(error: BaseException, default: str) -> str:
+    """The phase of training (Communicator.labelled) that `error` was raised in, or `default`."""
+    return getattr(error, "mpicaffe_phase", default)
+
+
 class _DoneRequest:
     def Wait(self) -> None:
         pass
@@ -164,7 +187,7 @@ class MPICommunicator(Communicator):
         self.local_size = local.Get_size()
         local.Free()
         self.world_ranks = list(range(self.size))  # rank -> rank at start (they change on a ULFM shrink)
-        self.watch = None  # a mpicaffe.stall.StallWatch once watch_stalls() is called
+        self.watch = None  # a mpicaffe.parallel.stall.StallWatch once watch_stalls() is called
 
     def barrier(self) -> None:
         if self.watch:
@@ -199,9 +222,10 @@ class MPICommunicator(Communicator):
         return _WatchedRequest(request, self.watch) if self.watch else request
 
     def watch_stalls(self, timeout: float) -> None:
-        from mpicaffe.stall import StallWatch
+        from mpicaffe.parallel.stall import StallWatch
 
         self.watch = StallWatch(self.comm, timeout)
+        self.watch.phase = lambda: self.phase
 
     def return_errors(self) -> None:
         self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)

@@ -16,8 +16,8 @@ update of an interrupted iteration is applied only after its gradient allreduce 
 MPI_Abort with STALL_EXIT_CODE, which takes the stalled rank down too and makes mpirun exit with
 that code, for a supervisor to relaunch with `--resume`.
 
-Cost while nothing stalls: one MPI_Test per poll of a pre-posted receive, and a look at the
-caller's frames per collective to name its phase for the report.
+Cost while nothing stalls: one MPI_Test per poll of a pre-posted receive. The phase a report
+names is the communicator's (Communicator.labelled), set by the code that runs the collectives.
 """
 from __future__ import annotations
 
@@ -36,42 +36,6 @@ log = logging.getLogger(__name__)
 STALL_EXIT_CODE = 76
 
 _QUERY, _REPLY = 7301, 7302
-# phases named for a stall report by the function that ran the collective (innermost first)
-_PHASES = {
-    "_on_grad": "gradient allreduce", "_launch_ready": "gradient allreduce", "finish": "gradient allreduce",
-    "test": "test phase (score sums)", "_display": "display (loss average)",
-    "check_parameters_agree": "weights checksum", "check_same": "consistency check",
-    "_broadcast_state": "start-state broadcast", "sync": "recovery state broadcast", "agree": "error agreement",
-    "at_boundary": "signal agreement at the iteration boundary",
-}
-
-
-def collective_phase(frames) -> str:
-    """Name the training phase a collective belongs to from the calling frames, innermost first;
-    the innermost function of ours otherwise. `frames` is a live frame (followed outwards) or a
-    traceback (whose frames are listed, as a finished frame no longer knows its caller)."""
-    if hasattr(frames, "tb_frame"):
-        chain = []
-        while frames is not None:
-            chain.append(frames.tb_frame)
-            frames = frames.tb_next
-        chain.reverse()
-    else:
-        chain = []
-        while frames is not None:
-            chain.append(frames)
-            frames = frames.f_back
-    fallback = None
-    for frame in chain:
-        code = frame.f_code
-        if "mpicaffe" in code.co_filename and not code.co_filename.endswith(("comm.py", "stall.py")):
-            if code.co_name in _PHASES:
-                return _PHASES[code.co_name]
-            if fallback is None:
-                fallback = f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
-    return fallback or "start-up"
-
-
 @dataclass
 class StallReport:
     """What a waiting rank found: who stalled, where the others wait, for how long."""
@@ -114,6 +78,7 @@ class StallWatch:
         self.hb = comm.Dup()
         self.rank, self.size = self.hb.Get_rank(), self.hb.Get_size()
         self.iteration: Callable[[], int | None] = lambda: None
+        self.phase: Callable[[], str] = lambda: "start-up"  # the communicator's phase (Communicator.labelled)
         self.good_state: Callable[[], str] | None = None
         self.last_done = "start-up"
         self._query = np.zeros(1, np.int64)
@@ -136,7 +101,7 @@ class StallWatch:
         """The same watch over `comm` (after a ULFM shrink); collective over `comm`."""
         self.close()
         watch = StallWatch(comm, self.timeout, self.grace)
-        watch.iteration, watch.good_state = self.iteration, self.good_state
+        watch.iteration, watch.good_state, watch.phase = self.iteration, self.good_state, self.phase
         return watch
 
     # --- the hot path ---
@@ -153,7 +118,7 @@ class StallWatch:
                     break
                 if now - start > 0.002:
                     time.sleep(0.0002)  # the ranks share cores: do not spin on them for long waits
-        self.last_done = self._where(sys._getframe(1))
+        self.last_done = self._where()
 
     def answer(self) -> None:
         """Reply to every pending "are you there?" query with this rank's iteration."""
@@ -169,9 +134,9 @@ class StallWatch:
         it = self.iteration()
         return default if it is None else int(it)
 
-    def _where(self, frame) -> str:
+    def _where(self) -> str:
         it = self.iteration()
-        return collective_phase(frame) + ("" if it is None else f" (solver at iteration {it})")
+        return self.phase() + ("" if it is None else f" (solver at iteration {it})")
 
     def _confirm_stall(self, request, waited: float) -> bool:
         """Ask every other rank whether it is there; False if `request` completed meanwhile
@@ -193,10 +158,9 @@ class StallWatch:
             answered.update(r for r in others if r not in answered and receives[r].Test())
             time.sleep(0.001)
         del sends  # tiny eager messages; an unanswered one is abandoned with the job
-        frame = sys._getframe(2)
         report = StallReport(
             rank=self.rank, stalled=sorted(set(others) - answered), alive=sorted(answered | {self.rank}),
-            phase=collective_phase(frame), iteration=self.iteration(), waited=waited + self.grace,
+            phase=self.phase(), iteration=self.iteration(), waited=waited + self.grace,
             last_done=self.last_done, answers={r: int(replies[r][0]) for r in answered})
         self._stop(report)
         return True

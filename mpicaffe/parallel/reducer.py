@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from mpicaffe.comm import Communicator
+from mpicaffe.parallel.comm import Communicator
 
 
 class FusedReducer:

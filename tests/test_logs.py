@@ -1,7 +1,7 @@
-"""Caffe's log formatting and smoothed loss (mpicaffe.caffe_log)."""
+"""Caffe's log line contents and smoothed loss (mpicaffe.logs)."""
 import numpy as np
 
-from mpicaffe.caffe_log import SmoothedLoss, format_float, output_lines
+from mpicaffe.logs import SmoothedLoss, format_float, output_lines
 
 
 def test_format_float_prints_six_significant_digits_as_cpp_ostream():

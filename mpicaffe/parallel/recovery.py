@@ -30,11 +30,11 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
 
-from mpicaffe.backends import caffe_available
-from mpicaffe.comm import Communicator, RankError
+from mpicaffe.data.sharding import plan_batches
+from mpicaffe.errors import UserError
+from mpicaffe.parallel.comm import Communicator, RankError, failed_phase
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,16 @@ class TrainingState:
     def sync(self, comm: Communicator) -> int:
         """Collective: adopt the newest commit of any rank (the lowest rank holding it sends it),
         restore it, and return its iteration."""
-        commits = comm.allgather(self.iter)
-        newest = max(commits)
-        root = commits.index(newest)
-        for t in (self.weights, *self.history):
-            host = t.cpu().numpy()  # the tensor's own memory on the CPU
-            comm.Bcast(host, root=root)
-            if t.device.type != "cpu":
-                t.copy_(torch.from_numpy(host))
-        self.iter, self.current_step = comm.bcast((self.iter, self.current_step), root=root)
+        with comm.labelled("recovery state broadcast"):
+            commits = comm.allgather(self.iter)
+            newest = max(commits)
+            root = commits.index(newest)
+            for t in (self.weights, *self.history):
+                host = t.cpu().numpy()  # the tensor's own memory on the CPU
+                comm.Bcast(host, root=root)
+                if t.device.type != "cpu":
+                    t.copy_(torch.from_numpy(host))
+            self.iter, self.current_step = comm.bcast((self.iter, self.current_step), root=root)
         self.restore()
         return newest
 
@@ -93,16 +94,15 @@ def ulfm_enabled() -> bool:
     return os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes", "enabled")
 
 
-def prepare(cfg, comm: Communicator) -> None:
-    """Before the trainer is built: refuse what recovery cannot handle, and make MPI errors raise."""
-    if cfg.backend == "caffe" or (cfg.backend == "auto" and caffe_available()):
+def prepare(cfg, backend: str, comm: Communicator) -> None:
+    """Before the trainer is built: refuse what recovery cannot handle (TrainConfig.check, on
+    the resolved `backend`), and make MPI errors raise."""
+    try:
+        cfg.check(backend, comm.size)
+    except UserError as e:
         # the same on every rank: each exits with status 1 rather than all calling MPI_Abort at
         # once, which Open MPI's ULFM mode does not reliably turn into a failed job
-        raise RankError("--fault-tolerance ulfm needs the built-in engine (--backend engine): pycaffe's Net fixes "
-                        "each Data layer's batch size and reader when it is built, so after a rank failure the "
-                        "survivors could not take their larger share of the global batch or move to their new "
-                        "data shard without rebuilding the solver; use `mpicaffe launch` to relaunch instead",
-                        comm.rank)
+        raise RankError(str(e), comm.rank) from None
     if comm.size > 1 and not ulfm_enabled() and comm.rank == 0:
         log.warning("--fault-tolerance ulfm: this job was not started with `mpirun --with-ft ulfm`; a rank "
                     "failure will end it")
@@ -122,10 +122,9 @@ def _is_process_failure(error: BaseException) -> bool:
 def run(trainer) -> None:
     """Run `trainer` to the end, recovering from rank failures as the module docstring says."""
     state = TrainingState(trainer.solver)
-    trainer.recovery = state
     while True:
         try:
-            trainer.run()
+            trainer.run(recovery=state)
             return
         except Exception as e:
             if not _is_process_failure(e):
@@ -135,12 +134,9 @@ def run(trainer) -> None:
 
 def recover(trainer, state: TrainingState, error: BaseException) -> None:
     """Shrink to the survivors, agree on the state, re-plan the batch and the shards, snapshot."""
-    from mpicaffe.stall import collective_phase
-    from mpicaffe.trainer import plan_batches
-
     detected = time.perf_counter()
     comm = trainer.comm
-    where = collective_phase(error.__traceback__)
+    where = failed_phase(error, comm.phase)
     at = state.iter  # the iteration in progress: committed at its start
     log.warning("rank %d: a rank failed (%s) during the %s at iteration %d; recovering",
                 comm.world_ranks[comm.rank], error, where, at)
@@ -154,14 +150,12 @@ def recover(trainer, state: TrainingState, error: BaseException) -> None:
             state.restore()
             iteration = state.sync(comm)
             plan = plan_batches(trainer.plan.prototxt_batch, comm.size, comm.rank, trainer.plan.global_batch)
-            comm.agreed(lambda local=plan.local: trainer.backend.reshard(local))
+            trainer.apply_plan(plan)
             break
         except Exception as e:  # a further failure during recovery: shrink again
             if not _is_process_failure(e):
                 raise
             log.warning("rank %d: another rank failed during recovery (%s)", comm.world_ranks[comm.rank], e)
-    trainer.plan = plan
-    trainer.reducer.weight = np.float32(plan.weight)
     seconds = time.perf_counter() - detected
     if comm.rank == 0:
         logging.getLogger("mpicaffe").setLevel(min(logging.getLogger("mpicaffe").level, logging.INFO))
