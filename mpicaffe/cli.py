@@ -39,6 +39,17 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (Caffe's -iterations)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from mpicaffe import info
 
@@ -235,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="score a model in the TEST phase (caffe test)")
     p.add_argument("--model", required=True, help="net prototxt")
     p.add_argument("--weights", help="trained .caffemodel(.h5)")
-    p.add_argument("--iterations", type=int, default=50, help="number of batches (default 50)")
+    p.add_argument("--iterations", type=_positive_int, default=50, help="number of batches (default 50)")
     p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
     _add_state(p)
     p.set_defaults(func=_cmd_test)
@@ -243,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("time", help="time a net's forward and backward passes per layer (caffe time)")
     p.add_argument("--model", required=True, help="net prototxt")
     p.add_argument("--weights", help="optional .caffemodel(.h5)")
-    p.add_argument("--iterations", type=int, default=50, help="number of iterations (default 50)")
+    p.add_argument("--iterations", type=_positive_int, default=50, help="number of iterations (default 50)")
     p.add_argument("--phase", default="TRAIN", help="TRAIN or TEST (default TRAIN)")
     p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
     _add_state(p)

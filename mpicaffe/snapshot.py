@@ -71,11 +71,35 @@ def read_manifest(prefix: str) -> list[SnapshotRecord]:
     try:
         with open(path) as f:
             data = json.load(f)
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        return [SnapshotRecord(**entry) for entry in data["snapshots"]]
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"format is {found!r}, expected {MANIFEST_FORMAT!r}")
+        if not isinstance(data.get("snapshots"), list):
+            raise TypeError("'snapshots' is not a list")
+        records = [SnapshotRecord(**entry) for entry in data["snapshots"]]
+        for i, record in enumerate(records):
+            _check_record(i, record)
+        return records
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a readable snapshot manifest ({e}); move it away to start a new one") from None
+
+
+def _check_record(i: int, r: SnapshotRecord) -> None:
+    """Every field of a record has the type the manifest gives it (a hand edit must not get as
+    far as a resume, or fail only when the next snapshot is recorded)."""
+    def is_int(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    problems = [f"'{name}' is {value!r}, not an integer >= {least}" for name, value, least in
+                (("iteration", r.iteration, 0), ("ranks", r.ranks, 1), ("global_batch", r.global_batch, 1))
+                if not is_int(value, least)]
+    problems += [f"'{name}' is {value!r}, not a file name" for name, value in
+                 (("caffemodel", r.caffemodel), ("solverstate", r.solverstate))
+                 if not isinstance(value, str) or not value or os.path.basename(value) != value]
+    if not (isinstance(r.sha256, dict) and all(isinstance(r.sha256.get(k), str) for k in ("caffemodel", "solverstate"))):
+        problems.append(f"'sha256' is {r.sha256!r}, not the two files' digests")
+    if problems:
+        raise ValueError(f"snapshot {i}: {'; '.join(problems)}")
 
 
 def write_manifest(prefix: str, records: list[SnapshotRecord]) -> None:

@@ -136,6 +136,8 @@ class Trainer:
             backend = resolve_backend(cfg.backend)
             cfg.check(backend, comm.size)
             self.param, self.run_param, self.plan = prepare_solver(cfg, comm, backend)
+            if comm.rank == 0:  # a manifest that cannot take the run's snapshots is refused now, not after training
+                snapshot.read_manifest(self.param.snapshot_prefix)
         except UserError as e:
             error = e
         comm.agree(error)

@@ -57,3 +57,31 @@ def test_user_error_exits_1_without_traceback(tmp_path):
 def test_unknown_phase_is_a_user_error(capsys):
     assert main(["info", LENET, "--phase", "VALIDATE"]) == 1
     assert "unknown phase 'VALIDATE'" in capsys.readouterr().err
+
+
+def test_iterations_must_be_a_positive_integer(capsys):
+    import pytest
+
+    for command in ("test", "time"):
+        for n in ("0", "-3"):
+            with pytest.raises(SystemExit) as exit_:
+                main([command, "--model", LENET, "--iterations", n])
+            assert exit_.value.code == 2
+            assert f"--iterations: must be a positive integer (got {int(n)})" in capsys.readouterr().err
+
+
+def test_a_bad_manifest_is_refused_before_training_starts(tmp_path, capsys):
+    net = ('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
+           '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
+           '  data_filler { type: "constant" value: 1 } } }\n'
+           'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
+           'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 20\nsnapshot: 10\n'
+        f'snapshot_prefix: "{tmp_path / "s"}"\n')
+    (tmp_path / "s.manifest.json").write_text("[1, 2, 3]")
+    assert main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 's.manifest.json'}: not a readable snapshot manifest" in err
+    assert not list(tmp_path.glob("s_iter_*"))  # refused before the first iteration, not after training

@@ -3,6 +3,7 @@ with a warning, --keep-snapshots; and the signal handlers' agreement at an itera
 import json
 import logging
 import os
+import re
 import signal
 
 import pytest
@@ -119,3 +120,27 @@ def test_bad_effects_are_refused_and_exit_codes_agree():
     with pytest.raises(UserError, match="--sigint-effect quit: must be one of snapshot, stop, none"):
         RunControl(Communicator(), sigint_effect="quit")
     assert STOPPED_EXIT_CODE == SUPERVISOR_STOPPED
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("[1, 2, 3]", "format is 'list'"),
+    ('{"format": "mpicaffe-snapshots/1", "snapshots": 5}', "'snapshots' is not a list"),
+    ("RECORD:iteration=12.5", "'iteration' is 12.5, not an integer >= 0"),
+    ("RECORD:iteration=true", "'iteration' is True, not an integer >= 0"),
+    ("RECORD:ranks=0", "'ranks' is 0, not an integer >= 1"),
+    ('RECORD:caffemodel="../../elsewhere.caffemodel"', "not a file name"),
+    ("RECORD:sha256=null", "'sha256' is None"),
+])
+def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, text, problem):
+    prefix = str(tmp_path / "s")
+    if text.startswith("RECORD:"):
+        field, value = text[len("RECORD:"):].split("=", 1)
+        record = {"iteration": 10, "caffemodel": "s_iter_10.caffemodel", "solverstate": "s_iter_10.solverstate",
+                  "sha256": {"caffemodel": "0" * 64, "solverstate": "0" * 64}, "ranks": 2, "global_batch": 64,
+                  "written": "2026-12-05T00:00:00+0000"}
+        record[field] = json.loads(value)
+        text = json.dumps({"format": snapshot.MANIFEST_FORMAT, "latest": record, "snapshots": [record]})
+    with open(snapshot.manifest_path(prefix), "w") as f:
+        f.write(text)
+    with pytest.raises(UserError, match=re.escape(problem)):
+        snapshot.read_manifest(prefix)

@@ -11,41 +11,19 @@ import torch
 
 from mpicaffe.backends.engine.layers import pooling
 from mpicaffe.errors import UserError
-from tests.engine.layer_harness import TEST, TRAIN, check_gradients, make_layer
+from tests.engine.layer_harness import (
+    TEST,
+    TRAIN,
+    backward64,
+    check_gradients,
+    layer_text,
+    make_layer,
+    rand,
+    run64,
+)
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)
-
-
-def layer_text(kind: str, params: str = "", bottoms=("x",), tops=("y",)) -> str:
-    b = " ".join(f'bottom: "{n}"' for n in bottoms)
-    t = " ".join(f'top: "{n}"' for n in tops)
-    return f'name: "l" type: "{kind}" {b} {t} {params}'
-
-
-def run64(text, *bottoms, blobs=None, phase=TRAIN):
-    """float64 forward; `blobs` replace the filled parameters."""
-    layer, tensors = make_layer(text, bottoms, phase, dtype=torch.float64)
-    if blobs is not None:
-        layer.blobs = [torch.as_tensor(np.asarray(b, dtype=np.float64)) for b in blobs]
-    with torch.no_grad():
-        return [t.numpy() for t in layer.forward(tensors)]
-
-
-def backward64(text, *bottoms, blobs=None, phase=TRAIN, seed=0):
-    """float64 forward + backward of random top diffs (first top only): tops, top diff, bottom diff."""
-    layer, tensors = make_layer(text, bottoms, phase, dtype=torch.float64)
-    if blobs is not None:
-        layer.blobs = [torch.as_tensor(np.asarray(b, dtype=np.float64)) for b in blobs]
-    x = tensors[0].clone().requires_grad_(True)
-    tops = layer.forward([x])
-    dy = np.random.default_rng(seed).standard_normal(tops[0].shape)
-    tops[0].backward(torch.as_tensor(dy))
-    return [t.detach().numpy() for t in tops], dy, x.grad.numpy()
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
 
 
 # --- numpy references ---

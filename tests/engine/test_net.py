@@ -180,6 +180,11 @@ def test_build_errors_name_layer_and_blob():
     with pytest.raises(UserError, match="top blob 'x' produced by multiple sources"):
         make_net(CHAIN.replace('bottom: "x" top: "y"', 'bottom: "y0" top: "x"').replace(
             'top: "x" }', 'top: "x" top: "y0" }'))
+    # a top listed twice in one layer: MAX pooling's mask would silently replace its output
+    with pytest.raises(UserError, match="layer 'pool': top blob 'p' produced by multiple sources"):
+        make_net('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }\n'
+                 'layer { name: "pool" type: "Pooling" bottom: "x" top: "p" top: "p" '
+                 'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }')
     with pytest.raises(UserError, match="layer 'bad' has unknown type 'NoSuchLayer'"):
         make_net('layer { name: "bad" type: "NoSuchLayer" }')
     with pytest.raises(UserError, match="duplicate layer name 'dbl'"):

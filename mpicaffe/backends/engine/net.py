@@ -88,7 +88,9 @@ class Net:
             in_place = []
             for i, name in enumerate(lp.top):
                 ip = i < len(lp.bottom) and lp.bottom[i] == name
-                if not ip and name in produced:
+                # a top listed twice in one layer too (Caffe's AppendTop: MAX pooling's mask would
+                # overwrite the pooled output)
+                if not ip and (name in produced or name in lp.top[:i]):
                     raise self._err(f"layer '{lp.name}': top blob '{name}' produced by multiple sources")
                 in_place.append(ip)
             if any(in_place) and layer.caffe_in_place_backward_is_wrong:
