@@ -85,3 +85,16 @@ def test_a_bad_manifest_is_refused_before_training_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 's.manifest.json'}: not a readable snapshot manifest" in err
     assert not list(tmp_path.glob("s_iter_*"))  # refused before the first iteration, not after training
+
+
+def test_an_empty_weights_file_is_refused_not_scored_as_random_weights(tmp_path, capsys):
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
+                   '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
+                   '  data_filler { type: "constant" value: 1 } } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
+                   'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    empty = tmp_path / "trained.caffemodel"
+    empty.write_bytes(b"")
+    assert main(["test", "--model", str(net), "--weights", str(empty), "--iterations", "1"]) == 1
+    assert f"{empty}: holds no layers, so no weights for this net" in capsys.readouterr().err

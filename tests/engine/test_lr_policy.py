@@ -102,3 +102,13 @@ def test_exp_overflow_is_inf_not_an_exception():
 def test_bad_policies_are_user_errors(text, message):
     with pytest.raises(UserError, match=message):
         learning_rate(sp("base_lr: 0.1 " + text), 0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('base_lr: -0.01 lr_policy: "fixed"', "base_lr must be >= 0 \\(got -0.01\\)"),
+    ('base_lr: 0.01 lr_policy: "fixed" max_iter: -5', "max_iter must be >= 0 \\(got -5\\)"),
+])
+def test_a_negative_rate_or_iteration_count_is_refused(text, message):
+    # real Caffe runs both silently: gradient ascent, or no training at all
+    with pytest.raises(UserError, match=message):
+        learning_rate(sp(text), 0)

@@ -21,7 +21,13 @@ _f32 = np.float32
 
 
 def check_lr_policy(param: caffe_pb2.SolverParameter) -> None:
-    """Caffe's checks on the policy's parameters (which Caffe makes at the first update)."""
+    """Caffe's checks on the policy's parameters (which Caffe makes at the first update), and the
+    schedule's bounds, which Caffe accepts silently: a negative base_lr climbs the loss, a negative
+    max_iter trains nothing."""
+    if param.base_lr < 0:
+        raise UserError(f"base_lr must be >= 0 (got {param.base_lr:g}): a negative rate would increase the loss")
+    if param.max_iter < 0:
+        raise UserError(f"max_iter must be >= 0 (got {param.max_iter})")
     policy = param.lr_policy
     if policy not in LR_POLICIES:
         raise UserError(f"Unknown learning rate policy: {policy!r} (Caffe knows: {', '.join(LR_POLICIES)})")

@@ -151,7 +151,11 @@ def load_weights(net: Net, path: str) -> None:
     if is_hdf5_file(path):
         copy_from_hdf5(net, path)
     else:
-        net.copy_from(read_weights(path), source=path)
+        weights = read_weights(path)
+        if not weights.layer and any(layer.blobs for layer in net.layers):
+            # Caffe reads an empty file as a net without layers and copies nothing: random weights
+            raise UserError(f"{path}: holds no layers, so no weights for this net (an empty or truncated file?)")
+        net.copy_from(weights, source=path)
 
 
 # --- solver state ---
