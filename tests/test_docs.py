@@ -214,7 +214,7 @@ def docs_parser(lenient: bool) -> argparse.ArgumentParser:
         if lenient:
             p._mutually_exclusive_groups = []
         for action in p._actions:
-            if action.type in (int, float):
+            if action.type not in (None, str):  # int, float, the CLI's own number types
                 action.type = _accepting_placeholders(action.type)
             if lenient:
                 action.required = False
