@@ -193,3 +193,27 @@ def test_two_readers_of_one_database_share_it(tmp_path):
     with lmdb_io.shared_env(db):
         assert lmdb_io.count(db) == 3
         assert [d.label for _, d in lmdb_io.iter_datums(db)] == [0, 1, 2]
+
+
+def test_a_truncated_database_is_refused_naming_it_instead_of_killing_the_process(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    db = str(tmp_path / "db")
+    lmdb_io.write_datums(db, ((lmdb_io.datum_key(i), lmdb_io.array_to_datum(rng.integers(0, 255, (3, 32, 32)), i % 10))
+                              for i in range(500)))
+    data = os.path.join(db, "data.mdb")
+    assert os.path.getsize(data) > 100_000
+    with open(data, "r+b") as f:
+        f.truncate(8192)  # a copy cut short (the case: data.mdb cut to 8 KB)
+    # in a child process: reading past the end of the mapping would kill it with SIGBUS
+    code = ("from mpicaffe.data import lmdb_io\n"
+            f"for key, datum in lmdb_io.iter_datums({db!r}):\n    pass\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == 1, (child.returncode, child.stderr[-2000:])
+    assert f"{data}: truncated LMDB database: the file holds 8192 bytes" in child.stderr
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match="not an LMDB data file"):
+        lmdb_io.count(db)

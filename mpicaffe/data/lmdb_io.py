@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Callable, Union
@@ -160,12 +161,39 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+# LMDB's meta pages (pages 0 and 1): after the 16-byte page header, the magic and version at
+# bytes 16 and 20, the page size (the free-page DB's md_pad) at byte 40, and the last used page
+# and the transaction id at bytes 136 and 144 (64-bit builds)
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _check_size(data_path: str, error: Callable[[str], Exception]) -> None:
+    """Refuse a data.mdb shorter than its newest meta page says it is (a truncated copy): mapping
+    it and reading past the end would kill the process with SIGBUS."""
+    size = os.path.getsize(data_path)
+    with open(data_path, "rb") as f:
+        head = f.read(152)
+        if len(head) < 152 or struct.unpack_from("<I", head, 16)[0] != _LMDB_MAGIC:
+            raise error(f"{data_path}: not an LMDB data file (no LMDB meta page at its start)")
+        page_size = struct.unpack_from("<I", head, 40)[0]
+        f.seek(page_size)
+        second = f.read(152)
+    metas = [struct.unpack_from("<QQ", m, 136) for m in (head, second)
+             if len(m) == 152 and struct.unpack_from("<I", m, 16)[0] == _LMDB_MAGIC]
+    last_page, _ = max(metas, key=lambda m: m[1])  # the meta of the newest transaction
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise error(f"{data_path}: truncated LMDB database: the file holds {size} bytes, its meta page says "
+                    f"{needed} (copy it again)")
+
+
 def _open_for_reading(db_path: str, error: Callable[[str], Exception]) -> lmdb.Environment:
     if not os.path.isdir(db_path):
         what = "is not a directory" if os.path.exists(db_path) else "does not exist"
         raise error(f"{db_path}: {what}; expected an LMDB database directory")
     if not os.path.exists(os.path.join(db_path, "data.mdb")):
         raise error(f"{db_path}: no data.mdb inside; not an LMDB database")
+    _check_size(os.path.join(db_path, "data.mdb"), error)
     # Like Caffe's reader (MDB_RDONLY | MDB_NOTLS); without the lock file so read-only media work.
     try:
         return lmdb.open(db_path, readonly=True, lock=False, subdir=True, max_readers=126)

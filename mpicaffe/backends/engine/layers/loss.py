@@ -56,6 +56,10 @@ def _class_labels(layer: Layer, label: torch.Tensor, num_classes: int,
                   ignore_label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer class indices (0 where ignored) and the mask of positions that count."""
     label = label.detach()
+    if label.is_floating_point() and not bool((label == label.trunc()).all()):
+        # Caffe truncates (static_cast<int>): a label 2.7 would count as class 2, silently
+        value = label[label != label.trunc()][0].item()
+        raise layer.error(f"label {value:g} is not an integer: class labels are whole numbers")
     index = label.long()  # static_cast<int>
     valid = index != ignore_label if ignore_label is not None else torch.ones_like(index, dtype=torch.bool)
     bad = valid & ((index < 0) | (index >= num_classes))
