@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import Callable
 
 
@@ -13,11 +13,11 @@ def write_file_atomic(path: str, write: Callable[[str], None]) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    # created with mode 0666, which the kernel reduces by the umask (mkstemp's 0600 would need a
+    # chmod, and reading the umask means setting it: process-wide, racing other threads' files)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:

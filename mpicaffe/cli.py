@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: real Caffe when pycaffe is importable, else the engine")
     p.add_argument("--shard-cache", metavar="DIR",
                    help="with --backend caffe and several ranks: where each rank keeps its local copy of its data "
-                        "shard (default $MPICAFFE_SHARD_CACHE, else <temporary folder>/mpicaffe-shards)")
+                        "shard (default $MPICAFFE_SHARD_CACHE, else the user's private <temporary folder>/mpicaffe-shards-<uid>)")
     p.add_argument("--devices", metavar="LIST",
                    help="built-in engine: each rank's device, one per rank in rank order (cuda:0,cuda:1,cpu) or one "
                         "for all (default: --gpu, or the solver's solver_mode by local rank)")

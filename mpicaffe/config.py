@@ -1,7 +1,7 @@
 """What `mpicaffe train` was asked to do (TrainConfig), and the checks of flags against each other."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from mpicaffe.errors import UserError
 
@@ -42,6 +42,12 @@ class TrainConfig:
     on_divergence: str = "stop"         # a non-finite loss or weights: "stop", or "rollback" to the last snapshot
     divergence_lr_factor: float = 0.1   # rollback: base_lr is multiplied by this each time
     divergence_retries: int = 3         # rollback: at most this many times, then stop
+
+    def shared_options(self) -> dict[str, object]:
+        """The options every rank must be given alike (the ranks compare them at start): all but
+        the file paths, which may differ between nodes while naming the same contents (the
+        solver's and nets' contents are compared separately)."""
+        return {f.name: repr(getattr(self, f.name)) for f in fields(self) if f.name not in _PER_NODE}
 
     def check(self, backend: str, ranks: int) -> None:
         """Refuse flags that cannot go together, for `backend` (resolved: 'engine' or 'caffe') on
@@ -84,3 +90,7 @@ class TrainConfig:
             if self.fault_tolerance != "none":
                 raise UserError("--prune-every cannot be combined with --fault-tolerance (the recovery state would "
                                 "keep the unpruned shapes)")
+
+
+# paths that may differ between nodes (a node-local staging folder, per-rank metric files)
+_PER_NODE = {"solver", "weights", "snapshot", "metrics", "timeline", "shard_cache", "stage_data"}

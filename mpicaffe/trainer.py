@@ -72,6 +72,21 @@ def _absolute_sources(net: caffe_pb2.NetParameter, net_path: str) -> None:
                         p.source = os.path.abspath(alt)
 
 
+def _check_same_options(cfg: TrainConfig, comm: Communicator) -> None:
+    """Collective: every rank was given the same options (an MPMD launch, or a wrapper script,
+    can give ranks different ones: `--global-batch 64` on one and 48 on another would train
+    inconsistently); the error names the options that differ."""
+    if comm.size == 1:
+        return
+    options = cfg.shared_options()
+    everyone = comm.allgather(options)
+    differ = [name for name in options if len({o[name] for o in everyone}) > 1]
+    if differ:
+        detail = "; ".join(f"--{name.replace('_', '-')}: " + ", ".join(f"rank {r} {o[name]}" for r, o in enumerate(everyone))
+                           for name in differ)
+        raise UserError(f"the ranks were given different options ({detail})")
+
+
 def prepare_solver(cfg: TrainConfig, comm: Communicator, backend: str = "engine"
                    ) -> tuple[caffe_pb2.SolverParameter, caffe_pb2.SolverParameter, BatchPlan]:
     """Read the solver and its nets; return (the solver as written, the solver each rank runs, the
@@ -83,6 +98,7 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator, backend: str = "engine"
     nets = prototxt.solver_nets(original, cfg.solver)
     comm.check_same(digest(prototxt.to_text(original), prototxt.to_text(nets.train),
                            *(prototxt.to_text(t) for t in nets.tests)), "the solver and net definitions")
+    _check_same_options(cfg, comm)
     train = nets.train
     data = _data_layers(train)
     batch_of = [getattr(lp, SHARDED_TYPES[lp.type]).batch_size for lp in data]

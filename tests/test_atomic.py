@@ -27,3 +27,14 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path, monkeypat
         write_bytes_atomic(str(path), b"new")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_the_process_umask_is_never_changed(tmp_path, monkeypatch):
+    # another thread creating a file while the umask were 0 would get a world-writable one
+    def no_umask(mask):
+        raise AssertionError(f"os.umask({mask:o}) called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    write_bytes_atomic(str(tmp_path / "f.bin"), b"data")
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]

@@ -1,4 +1,8 @@
 """Per-rank local shard copies (mpicaffe.data.shard_cache) and the data position of a resumed run."""
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -47,3 +51,44 @@ def test_batches_read_before_a_resumed_iteration():
     param.test_initialization = False
     assert sharding.batches_read(param, 25, 0, 2) == (50, [6, 2])
     assert [sharding.test_share(5, r, 2) for r in (0, 1)] == [3, 2]
+
+
+def test_a_copy_changed_since_it_was_made_is_not_reused(tmp_path):
+    src = _db(tmp_path, 8)
+    cache = str(tmp_path / "cache")
+    path, _, _ = shard_cache.lmdb_shard(src, 0, 2, cache=cache)
+    assert _labels(path) == [0, 1, 2, 3]
+    # tamper with the copy: same record count, shifted labels (the issue's 0.8 -> 0.02 accuracy)
+    tampered = [(key, lmdb_io.array_to_datum(np.zeros((1, 2, 2), np.uint8), (d.label + 1) % 10))
+                for key, d in lmdb_io.iter_datums(path)]
+    lmdb_io.write_datums(path + ".new", tampered)
+    digest = os.path.join(path, shard_cache.DIGEST_FILE)
+    os.replace(digest, os.path.join(path + ".new", shard_cache.DIGEST_FILE))
+    shutil.rmtree(path)
+    os.replace(path + ".new", path)
+    again, _, reused = shard_cache.lmdb_shard(src, 0, 2, cache=cache)
+    assert again == path and not reused and _labels(path) == [0, 1, 2, 3]
+    # a copy without its digest (an older run's, or an interrupted one) is made again too
+    os.remove(os.path.join(path, shard_cache.DIGEST_FILE))
+    assert not shard_cache.lmdb_shard(src, 0, 2, cache=cache)[2]
+    assert shard_cache.lmdb_shard(src, 0, 2, cache=cache)[2]
+    # a list copy is reused only while it equals the shard
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"img{i}.png {i}\n" for i in range(4)))
+    copy, _, _ = shard_cache.list_shard(str(listing), 0, 2, cache=cache)
+    with open(copy, "w") as f:
+        f.write("img0.png 5\nimg1.png 6\n")
+    assert not shard_cache.list_shard(str(listing), 0, 2, cache=cache)[2]
+    with open(copy) as f:
+        assert f.read() == "img0.png 0\nimg1.png 1\n"
+
+
+def test_the_default_cache_is_private_to_the_user(tmp_path, monkeypatch):
+    monkeypatch.delenv(shard_cache.CACHE_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = shard_cache.cache_dir()
+    assert path == str(tmp_path / f"mpicaffe-shards-{os.getuid()}")
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    os.chmod(path, 0o777)  # a folder others can write into: refused, not used
+    with pytest.raises(UserError, match="nobody else can read or write"):
+        shard_cache.cache_dir()

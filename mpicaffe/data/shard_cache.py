@@ -9,8 +9,10 @@ then reads it from the start and wraps around at its end as usual.
 
 A copy is named by a hash of the source (real path, size and modification time of its data),
 the rank, the number of ranks and `first`, and is written under a temporary name and renamed
-into place when complete, so a copy that exists is complete and is reused by later runs.
-Remove the cache folder to reclaim the space.
+into place when complete. Beside an LMDB copy goes the sha256 of the records it holds, in order:
+a later run reuses it only if its records still have that digest (a copy changed since, or one
+without a digest, is made again); a list copy is reused only if it equals the shard just read. Remove the cache folder to reclaim the space. The default
+folder is private to the user (mode 0700), so nobody else can plant a copy there.
 """
 from __future__ import annotations
 
@@ -26,9 +28,19 @@ CACHE_ENV = "MPICAFFE_SHARD_CACHE"
 
 
 def cache_dir(configured: str | None = None) -> str:
-    """Where local shard copies live: `configured`, else $MPICAFFE_SHARD_CACHE, else
-    <temporary folder>/mpicaffe-shards (node-local storage on most clusters)."""
-    return configured or os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "mpicaffe-shards")
+    """Where local shard copies live: `configured`, else $MPICAFFE_SHARD_CACHE, else the user's
+    private <temporary folder>/mpicaffe-shards-<uid> (node-local storage on most clusters)."""
+    chosen = configured or os.environ.get(CACHE_ENV)
+    if chosen:
+        return chosen
+    path = os.path.join(tempfile.gettempdir(), f"mpicaffe-shards-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UserError(f"{path}: the default shard cache must be a folder of yours that nobody else can read or "
+                        f"write (it is owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}); remove it, or give "
+                        f"--shard-cache or ${CACHE_ENV}")
+    return path
 
 
 def _copy_name(kind: str, source: str, data_file: str, rank: int, size: int, first: int) -> str:
@@ -56,16 +68,48 @@ def lmdb_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | No
                                                      first))
     if _holds(path, length):
         return path, (start, end), True
-    lmdb_io.write_datums(path, _rotated_records(source, count, start, end, first), overwrite=True)
+    digest = hashlib.sha256()
+    lmdb_io.write_datums(path, ((key, _hashed(digest, value)) for key, value in
+                                _rotated_records(source, count, start, end, first)), overwrite=True)
+    _write_digest(os.path.join(path, DIGEST_FILE), digest)
     return path, (start, end), False
 
 
+DIGEST_FILE = "mpicaffe-records.sha256"  # inside a copied LMDB's folder (Caffe's reader ignores it)
+
+
+def _hashed(digest, value: bytes) -> bytes:
+    digest.update(len(value).to_bytes(8, "little"))
+    digest.update(value)
+    return value
+
+
+def _write_digest(path: str, digest) -> None:
+    with open(path, "w") as f:
+        f.write(digest.hexdigest() + "\n")
+
+
+def _digest_matches(path: str, values: Iterator[bytes]) -> bool:
+    """Whether the digest file `path` exists and holds the sha256 of `values`."""
+    try:
+        with open(path) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return False
+    digest = hashlib.sha256()
+    for value in values:
+        _hashed(digest, value)
+    return digest.hexdigest() == recorded
+
+
 def _holds(path: str, length: int) -> bool:
-    """Whether `path` is an LMDB of `length` records (a copy left by an earlier run)."""
+    """Whether `path` is an LMDB of `length` records whose contents are those it was made with
+    (a copy left by an earlier run)."""
     if not os.path.isdir(path):
         return False
     try:
-        return lmdb_io.count(path) == length
+        return lmdb_io.count(path) == length and _digest_matches(
+            os.path.join(path, DIGEST_FILE), (value for _, value in lmdb_io.iter_values(path)))
     except UserError:
         return False
 
@@ -101,11 +145,14 @@ def list_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | No
     start, end = sharding.shard_bounds(len(lines), rank, size)
     first = start + skip % (end - start)
     path = os.path.join(cache_dir(cache), _copy_name("list", source, source, rank, size, first) + ".txt")
+    text = "".join(line + "\n" for line in lines[first:end] + lines[start:first]).encode()
     if os.path.isfile(path):
-        return path, (start, end), True
+        with open(path, "rb") as f:
+            if f.read() == text:  # the list was read anyway: the copy is compared with it whole
+                return path, (start, end), True
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.partial-{os.getpid()}"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines[first:end] + lines[start:first]))
+    with open(partial, "wb") as f:
+        f.write(text)
     os.replace(partial, path)
     return path, (start, end), False

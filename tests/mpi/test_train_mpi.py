@@ -176,3 +176,19 @@ def test_uneven_shards_run_the_same_iterations(tmp_path):
     solver = _setup(tmp_path, "uneven", x[:101], y[:101], 16, max_iter=12)
     _, metrics = _train(2, solver, tmp_path, "uneven")
     assert len(_losses(metrics)) == len(_losses(str(metrics).replace(".jsonl", ".rank1.jsonl"))) == 12
+
+
+def test_ranks_given_different_options_are_refused_naming_them(tmp_path):
+    import sys
+
+    x, y = datasets.load_digits()
+    solver = _setup(tmp_path, "mpmd", x[:256], y[:256], B)
+    train = ["-m", "mpicaffe", "train", "--solver", solver]
+    # an MPMD launch (or a wrapper script) giving rank 1 another global batch and rollback setting
+    result = run_mpi(1, ["python", *train, "--global-batch", "64", ":", "-np", "1", sys.executable, *train,
+                         "--global-batch", "48", "--on-divergence", "rollback"], check=False)
+    assert result.returncode == 1, result.output
+    err = result.rank_stderr(0)
+    assert ("the ranks were given different options (--global-batch: rank 0 64, rank 1 48; --on-divergence: "
+            "rank 0 'stop', rank 1 'rollback')") in err, err[-2000:]
+    assert "Iteration 0" not in err
