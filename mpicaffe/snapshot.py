@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,19 @@ class SnapshotRecord:
     ranks: int
     global_batch: int
     written: str
+
+
+def check_writable(prefix: str) -> None:
+    """Make the snapshot folder of `prefix` if needed and write a probe file there: a run that
+    could not write its snapshots is refused at start, before any time is spent training."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mpicaffe-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"snapshot_prefix {prefix}: cannot write snapshots in {folder}: {e.strerror or e}") from None
 
 
 def manifest_path(prefix: str) -> str:

@@ -72,6 +72,18 @@ def _absolute_sources(net: caffe_pb2.NetParameter, net_path: str) -> None:
                         p.source = os.path.abspath(alt)
 
 
+def _check_trains_something(net: caffe_pb2.NetParameter, source: str) -> None:
+    """Refuse a train net without layers, or without a loss (no *Loss layer, no loss_weight):
+    Caffe trains it with loss 0 and writes snapshots, learning nothing."""
+    layers = [lp for lp in net.layer if prototxt.layer_included(net.state, lp)]
+    if not layers:
+        raise UserError(f"{source}: the train net has no layers (in the TRAIN phase, level {net.state.level}, "
+                        f"stages {list(net.state.stage)}): nothing to train")
+    if not any(lp.type.endswith("Loss") or any(lp.loss_weight) for lp in layers):
+        raise UserError(f"{source}: the train net computes no loss (no *Loss layer and no layer with a loss_weight): "
+                        "training would learn nothing")
+
+
 def _check_same_options(cfg: TrainConfig, comm: Communicator) -> None:
     """Collective: every rank was given the same options (an MPMD launch, or a wrapper script,
     can give ranks different ones: `--global-batch 64` on one and 48 on another would train
@@ -100,6 +112,7 @@ def prepare_solver(cfg: TrainConfig, comm: Communicator, backend: str = "engine"
                            *(prototxt.to_text(t) for t in nets.tests)), "the solver and net definitions")
     _check_same_options(cfg, comm)
     train = nets.train
+    _check_trains_something(train, nets.train_source)
     data = _data_layers(train)
     batch_of = [getattr(lp, SHARDED_TYPES[lp.type]).batch_size for lp in data]
     if comm.size > 1 or cfg.global_batch:
@@ -152,8 +165,10 @@ class Trainer:
             backend = resolve_backend(cfg.backend)
             cfg.check(backend, comm.size)
             self.param, self.run_param, self.plan = prepare_solver(cfg, comm, backend)
-            if comm.rank == 0:  # a manifest that cannot take the run's snapshots is refused now, not after training
+            if comm.rank == 0:  # a manifest or folder that cannot take the run's snapshots: refused now, not after training
                 snapshot.read_manifest(self.param.snapshot_prefix)
+                if self.param.snapshot or self.param.snapshot_after_train:
+                    snapshot.check_writable(self.param.snapshot_prefix)
         except UserError as e:
             error = e
         comm.agree(error)

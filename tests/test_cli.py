@@ -98,3 +98,39 @@ def test_an_empty_weights_file_is_refused_not_scored_as_random_weights(tmp_path,
     empty.write_bytes(b"")
     assert main(["test", "--model", str(net), "--weights", str(empty), "--iterations", "1"]) == 1
     assert f"{empty}: holds no layers, so no weights for this net" in capsys.readouterr().err
+
+
+DUMMY_NET = ('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
+             '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
+             '  data_filler { type: "constant" value: 1 } } }\n'
+             'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
+             'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+
+
+def _train_dummy(tmp_path, net: str, prefix: str) -> int:
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 20\nsnapshot: 10\n'
+        f'snapshot_prefix: "{prefix}"\n')
+    return main(["train", "--solver", str(tmp_path / "solver.prototxt")])
+
+
+def test_a_train_net_without_layers_or_loss_is_refused(tmp_path, capsys):
+    # Caffe trains both with loss 0 and writes snapshots
+    assert _train_dummy(tmp_path, 'name: "empty"\n', str(tmp_path / "s")) == 1
+    assert "the train net has no layers (in the TRAIN phase, level 0, stages []): nothing to train" in capsys.readouterr().err
+    assert _train_dummy(tmp_path, DUMMY_NET.split('layer { name: "loss"')[0], str(tmp_path / "s")) == 1
+    assert "the train net computes no loss" in capsys.readouterr().err
+    assert not list(tmp_path.glob("s_iter_*"))
+
+
+def test_a_snapshot_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "not_a_folder").write_text("a file where the snapshot folder should be")
+    prefix = tmp_path / "not_a_folder" / "snap"
+    assert _train_dummy(tmp_path, DUMMY_NET, str(prefix)) == 1
+    err = capsys.readouterr().err
+    assert f"snapshot_prefix {prefix}: cannot write snapshots in {prefix.parent}" in err
+    assert "Iteration 0" not in err
+    # a missing folder is made
+    assert _train_dummy(tmp_path, DUMMY_NET, str(tmp_path / "made" / "snap")) == 0
+    assert (tmp_path / "made" / "snap_iter_20.caffemodel").is_file()
