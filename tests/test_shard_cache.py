@@ -92,3 +92,14 @@ def test_the_default_cache_is_private_to_the_user(tmp_path, monkeypatch):
     os.chmod(path, 0o777)  # a folder others can write into: refused, not used
     with pytest.raises(UserError, match="nobody else can read or write"):
         shard_cache.cache_dir()
+
+
+def test_a_folder_that_cannot_take_the_copy_is_a_one_line_error(tmp_path):
+    src = _db(tmp_path, 8)
+    (tmp_path / "file").write_text("not a folder")  # (root writes through read-only modes)
+    with pytest.raises(UserError, match=r"cannot write the shard copy .*file/src_db.rank0of2.* \(choose another folder"):
+        shard_cache.lmdb_shard(src, 0, 2, cache=str(tmp_path / "file"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 0\nb.png 1\n")
+    with pytest.raises(UserError, match="cannot write the shard copy"):
+        shard_cache.list_shard(str(listing), 0, 2, cache=str(tmp_path / "file"))

@@ -21,6 +21,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+import lmdb
+
 from mpicaffe.data import lmdb_io, sharding
 from mpicaffe.errors import UserError
 
@@ -69,10 +71,18 @@ def lmdb_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | No
     if _holds(path, length):
         return path, (start, end), True
     digest = hashlib.sha256()
-    lmdb_io.write_datums(path, ((key, _hashed(digest, value)) for key, value in
-                                _rotated_records(source, count, start, end, first)), overwrite=True)
-    _write_digest(os.path.join(path, DIGEST_FILE), digest)
+    try:
+        lmdb_io.write_datums(path, ((key, _hashed(digest, value)) for key, value in
+                                    _rotated_records(source, count, start, end, first)), overwrite=True)
+        _write_digest(os.path.join(path, DIGEST_FILE), digest)
+    except (OSError, lmdb.Error) as e:
+        raise _cannot_write(path, e) from None
     return path, (start, end), False
+
+
+def _cannot_write(path: str, e: Exception) -> UserError:
+    return UserError(f"cannot write the shard copy {path}: {getattr(e, 'strerror', None) or e} (choose another folder with "
+                     "--stage-data or --shard-cache)")
 
 
 DIGEST_FILE = "mpicaffe-records.sha256"  # inside a copied LMDB's folder (Caffe's reader ignores it)
@@ -150,9 +160,12 @@ def list_shard(source: str, rank: int, size: int, skip: int = 0, cache: str | No
         with open(path, "rb") as f:
             if f.read() == text:  # the list was read anyway: the copy is compared with it whole
                 return path, (start, end), True
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.partial-{os.getpid()}"
-    with open(partial, "wb") as f:
-        f.write(text)
-    os.replace(partial, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(partial, "wb") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     return path, (start, end), False
