@@ -65,7 +65,10 @@ class Layer:
 
         t = torch.full(tuple(int(s) for s in shape), float(value), dtype=torch.float32, device=self.device)
         if filler is not None:
-            fill(t, filler)
+            try:
+                fill(t, filler)
+            except UserError as e:
+                raise self.error(str(e)) from None
         self.blobs.append(t)
         self.blob_learnable.append(learnable)
         return t

@@ -13,6 +13,7 @@ import torch
 from mpicaffe.backends.engine.fillers import fill
 from mpicaffe.backends.engine.layers import register
 from mpicaffe.backends.engine.layers.base import Layer
+from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,18 @@ class DummyDataLayer(Layer):
         self._constant: list[torch.Tensor | None] = []
         for shape, filler in zip(self.shapes, fillers):
             if filler.type == "constant":
-                self._constant.append(fill(torch.zeros(shape, device=self.device), filler))
+                self._constant.append(self._fill(torch.zeros(shape, device=self.device), filler))
             else:
                 self._constant.append(None)
 
+    def _fill(self, t: torch.Tensor, filler: caffe_pb2.FillerParameter) -> torch.Tensor:
+        try:
+            return fill(t, filler)
+        except UserError as e:
+            raise self.error(str(e)) from None
+
     def forward(self, bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [c if c is not None else fill(torch.empty(s, device=self.device), f)
+        return [c if c is not None else self._fill(torch.empty(s, device=self.device), f)
                 for c, s, f in zip(self._constant, self.shapes, self.fillers)]
 
     def infer_tops(self, bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
