@@ -242,8 +242,9 @@ class CaffeTraining:
         return names, sums, weights, loss
 
     def finite(self) -> bool:
-        """Whether the train net's weights and statistics are all finite."""
-        return all(bool(np.isfinite(a).all()) for a in self.solver.parameter_arrays())
+        """Whether the train net's weights and statistics are all finite (by each blob's sum, as
+        EngineTraining.finite)."""
+        return all(bool(np.isfinite(a.sum())) for a in self.solver.parameter_arrays())
 
     def first_non_finite(self) -> str | None:
         """As the engine's Net.first_non_finite, on the pycaffe net."""
