@@ -146,9 +146,17 @@ def _cmd_time(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stages(argparse.Action):
+    """--stage a,b (Caffe's -stage: stages separated by ','), repeatable: every stage, in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *(s for s in values.split(",") if s)])
+
+
 def _add_state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=0, help="NetState level (default 0)")
-    p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
+    p.add_argument("--stage", action=_Stages, default=[], metavar="STAGE[,STAGE...]",
+                   help="NetState stages, separated by ',' as in Caffe's -stage (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

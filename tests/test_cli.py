@@ -134,3 +134,17 @@ def test_a_snapshot_folder_that_cannot_be_written_is_refused_before_training(tmp
     # a missing folder is made
     assert _train_dummy(tmp_path, DUMMY_NET, str(tmp_path / "made" / "snap")) == 0
     assert (tmp_path / "made" / "snap_iter_20.caffemodel").is_file()
+
+
+def test_stage_takes_caffes_comma_separated_list(tmp_path, capsys):
+    from mpicaffe.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--solver", "s.prototxt", "--stage", "a,b", "--stage", "c"])
+    assert args.stage == ["a", "b", "c"]
+    net = tmp_path / "staged.prototxt"
+    net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 } } }\n'
+                   + "".join(f'layer {{ name: "{s}" type: "ReLU" bottom: "x" top: "{s}" include {{ stage: "{s}" }} }}\n'
+                             for s in "abc"))
+    assert main(["info", str(net), "--stage", "a,b"]) == 0
+    out = capsys.readouterr().out
+    assert "3 layers" in out and " a " in out and " b " in out and " c " not in out
