@@ -5,10 +5,11 @@ accuracy, within 1 point, from the same initial weights on the same data in the 
 Tolerance: the runs agree closely at first, but float32 rounding differs (oneDNN vs im2col+gemm)
 and BatchNorm nets at a learning rate of 0.1 amplify it, so after a few hundred iterations the
 weights are those of a different run of the same recipe. What must hold is what a user compares:
-the accuracy the recipe reaches. Measured on MNIST's 1,000 test images in two runs: Caffe 0.975
-and 0.973 (Caffe differs from itself by 0.2 points: OpenBLAS threads), engine 0.978 and 0.981,
-2 ranks 0.978 and 0.977: up to 0.8 points (8 images) apart, so 1 point (10 images) is the bound a
-single run of each can be held to; a broken BatchNorm, Scale or shortcut loses far more.
+the accuracy the recipe reaches. Measured on MNIST's 1,000 test images in three runs: Caffe 0.975,
+0.973 and 0.977 (Caffe differs from itself by up to 0.4 points: OpenBLAS threads), engine 0.978,
+0.981 and 0.973, 2 ranks 0.978, 0.977 and 0.977: up to 0.8 points (8 images) apart, so 1 point
+(10 images) is the bound a single run of each can be held to; a broken BatchNorm, Scale or
+shortcut loses far more. Time alone on 2 cores: MNIST 7.6 minutes, synth32 2.2.
 
 The 2-rank run keeps the global batch (--global-batch 64, 32 per rank): each rank normalizes by
 its own 32 images, as Caffe's data-parallel training would, so it is not the same trajectory as
