@@ -70,36 +70,6 @@ def test_iterations_must_be_a_positive_integer(capsys):
             assert f"--iterations: must be a positive integer (got {int(n)})" in capsys.readouterr().err
 
 
-def test_a_bad_manifest_is_refused_before_training_starts(tmp_path, capsys):
-    net = ('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
-           '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
-           '  data_filler { type: "constant" value: 1 } } }\n'
-           'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
-           'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
-    (tmp_path / "net.prototxt").write_text(net)
-    (tmp_path / "solver.prototxt").write_text(
-        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 20\nsnapshot: 10\n'
-        f'snapshot_prefix: "{tmp_path / "s"}"\n')
-    (tmp_path / "s.manifest.json").write_text("[1, 2, 3]")
-    assert main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 1
-    err = capsys.readouterr().err
-    assert f"{tmp_path / 's.manifest.json'}: not a readable snapshot manifest" in err
-    assert not list(tmp_path.glob("s_iter_*"))  # refused before the first iteration, not after training
-
-
-def test_an_empty_weights_file_is_refused_not_scored_as_random_weights(tmp_path, capsys):
-    net = tmp_path / "net.prototxt"
-    net.write_text('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
-                   '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
-                   '  data_filler { type: "constant" value: 1 } } }\n'
-                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
-                   'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
-    empty = tmp_path / "trained.caffemodel"
-    empty.write_bytes(b"")
-    assert main(["test", "--model", str(net), "--weights", str(empty), "--iterations", "1"]) == 1
-    assert f"{empty}: holds no layers, so no weights for this net" in capsys.readouterr().err
-
-
 DUMMY_NET = ('layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param {\n'
              '  shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" }\n'
              '  data_filler { type: "constant" value: 1 } } }\n'
@@ -113,6 +83,23 @@ def _train_dummy(tmp_path, net: str, prefix: str) -> int:
         f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 20\nsnapshot: 10\n'
         f'snapshot_prefix: "{prefix}"\n')
     return main(["train", "--solver", str(tmp_path / "solver.prototxt")])
+
+
+def test_a_bad_manifest_is_refused_before_training_starts(tmp_path, capsys):
+    (tmp_path / "s.manifest.json").write_text("[1, 2, 3]")
+    assert _train_dummy(tmp_path, DUMMY_NET, str(tmp_path / "s")) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 's.manifest.json'}: not a readable snapshot manifest" in err
+    assert not list(tmp_path.glob("s_iter_*"))  # refused before the first iteration, not after training
+
+
+def test_an_empty_weights_file_is_refused_not_scored_as_random_weights(tmp_path, capsys):
+    net = tmp_path / "net.prototxt"
+    net.write_text(DUMMY_NET)
+    empty = tmp_path / "trained.caffemodel"
+    empty.write_bytes(b"")
+    assert main(["test", "--model", str(net), "--weights", str(empty), "--iterations", "1"]) == 1
+    assert f"{empty}: holds no layers, so no weights for this net" in capsys.readouterr().err
 
 
 def test_a_train_net_without_layers_or_loss_is_refused(tmp_path, capsys):
