@@ -6,18 +6,21 @@ print one clear message and exit with status 1, without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
 import traceback
 
-from mpicaffe import __version__
+from mpicaffe import __version__, signals
 from mpicaffe.backends import BACKENDS
 from mpicaffe.errors import UserError
 from mpicaffe.logs import setup_logging
 from mpicaffe.parallel.comm import RankError
 from mpicaffe.parallel.stall import STALL_EXIT_CODE
 from mpicaffe.signals import EFFECTS, STOPPED_EXIT_CODE
+
+log = logging.getLogger(__name__)
 
 _GFLAG = re.compile(r"^-([A-Za-z][A-Za-z0-9_]+)(=.*)?$")
 
@@ -83,6 +86,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mpicaffe.config import TrainConfig
     from mpicaffe.parallel.comm import create_communicator
 
+    # signals count from here to the exit, start-up included (mpicaffe.signals)
+    signals.catch()
+    signals.reached("start")
     comm = create_communicator()
     # rank 0 alone logs progress; the others report warnings and errors
     setup_logging(args.verbose, quiet=comm.rank != 0)
@@ -117,6 +123,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             comm.abort(1)
         raise
     code = STOPPED_EXIT_CODE if stopped else 0
+    signals.reached("exit")
+    late = signals.pending()
+    if late and not stopped:
+        log.warning(
+            "rank %d: %s arrived after the last iteration: the run had finished, exiting with status 0",
+            comm.rank, " and ".join(late))
     if comm.shrunk:
         comm.exit_without_finalize(code)
     return code
@@ -295,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit status."""
+    """Run the CLI; returns the process exit status. As the program (`argv` None), `train` keeps
+    counting signals until the process exits (MPI finalize included); called with `argv`, the
+    previous handlers are back when it returns."""
+    as_program = argv is None
     argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -312,3 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mpicaffe {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not as_program:
+            signals.release()

@@ -10,6 +10,14 @@ iteration even when a signal reached only some of them or reached them at differ
 A run stopped this way exits with STOPPED_EXIT_CODE after its snapshot, so a batch script or
 `mpicaffe launch` can tell "stopped on request, resume later" from a failure.
 
+`mpicaffe train` counts signals from the moment its command line is parsed to its exit
+(`catch()`), so a signal at any moment ends in a defined status:
+- during start-up (MPI, torch, data, nets): the ranks agree before the first iteration and stop
+  there, with no snapshot (nothing was trained), status STOPPED_EXIT_CODE;
+- during training: the snapshot and stop above, STOPPED_EXIT_CODE;
+- during the last iteration, the final snapshot or test, or MPI finalize: the run has finished;
+  it completes as usual and exits 0, logging that the signal came too late to stop it.
+
 Open MPI 5's mpirun forwards SIGUSR1 and SIGUSR2 to the ranks, but on SIGTERM, SIGINT or SIGHUP
 it forwards SIGTERM and kills the ranks about 0.25 s later, too soon for a snapshot: signal
 mpirun with SIGUSR1, or the ranks themselves (`srun` and Slurm's `--signal` do), or run under
@@ -18,6 +26,7 @@ mpirun with SIGUSR1, or the ranks themselves (`srun` and Slurm's `--signal` do),
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -35,6 +44,55 @@ EFFECTS = ("snapshot", "stop", "none")
 # what each request asks for; the timer is rank 0's `--snapshot-every-minutes`
 _SOURCES = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP", "timer")
 
+# signals counted since the last iteration boundary (written by the handler only)
+_counts = np.zeros(len(_SOURCES), np.int32)
+_previous: dict[int, object] = {}
+
+
+def _handle(signum, frame) -> None:
+    # only count: the training loop acts at the next iteration boundary
+    _counts[_SOURCES.index(signal.Signals(signum).name)] += 1
+
+
+def catch() -> bool:
+    """Count SIGTERM, SIGUSR1, SIGINT and SIGHUP from now on; False when already counting."""
+    if _previous:
+        return False
+    for name in _SOURCES[:4]:
+        signum = getattr(signal, name)
+        _previous[signum] = signal.signal(signum, _handle)
+    return True
+
+
+def release() -> None:
+    """Put back the handlers `catch()` replaced."""
+    for signum, handler in _previous.items():
+        signal.signal(signum, handler)
+    _previous.clear()
+
+
+def take() -> np.ndarray:
+    """The counts since the last call, and zero them."""
+    counts = _counts.copy()
+    _counts[:] = 0
+    return counts
+
+
+def pending() -> list[str]:
+    """The signals counted since the last iteration boundary, by name."""
+    return [name for name, count in zip(_SOURCES, _counts) if count]
+
+
+def reached(point: str) -> None:
+    """Fault injection for the tests: with MPICAFFE_SIGNAL_AT=POINT:SIGNAME[:RANK], this process
+    sends itself SIGNAME when it reaches POINT (start, last-iteration, final-snapshot, exit)."""
+    spec = os.environ.get("MPICAFFE_SIGNAL_AT", "").split(":")
+    if spec[0] != point or len(spec) < 2:
+        return
+    if len(spec) == 3 and spec[2] != os.environ.get("OMPI_COMM_WORLD_RANK", "0"):
+        return
+    os.kill(os.getpid(), getattr(signal, spec[1]))
+
 
 @dataclass
 class Action:
@@ -48,8 +106,9 @@ class Action:
 class RunControl:
     """Signal handlers that count requests, and the per-iteration agreement on them.
 
-    `install()` on every rank before training; `at_boundary(iteration)` collectively after each
-    iteration; `uninstall()` afterwards puts the previous handlers back.
+    `install()` on every rank before training (`catch()`, unless the command already did);
+    `at_boundary(iteration)` collectively before the first iteration and after each one;
+    `uninstall()` afterwards.
     """
 
     def __init__(self, comm, sigint_effect: str = "stop", sighup_effect: str = "snapshot",
@@ -62,22 +121,7 @@ class RunControl:
                         "SIGHUP": sighup_effect, "timer": "snapshot"}
         self.interval = snapshot_every_minutes * 60.0
         self.last_snapshot = time.monotonic()
-        self.counts = np.zeros(len(_SOURCES), np.int32)
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        for name in _SOURCES[:4]:
-            signum = getattr(signal, name)
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        # only count: the training loop acts at the next iteration boundary
-        self.counts[_SOURCES.index(signal.Signals(signum).name)] += 1
+        self.owns_handlers = False
 
     def snapshot_written(self) -> None:
         """Restart the snapshot timer (any snapshot counts)."""
@@ -85,7 +129,7 @@ class RunControl:
 
     def at_boundary(self, iteration: int) -> Action:
         """Collective: what every rank does now. Costs one Allreduce of five ints with several ranks."""
-        counts, self.counts = self.counts, np.zeros(len(_SOURCES), np.int32)
+        counts = take()
         if self.interval and self.comm.rank == 0 and time.monotonic() - self.last_snapshot >= self.interval:
             counts[-1] = 1
         if self.comm.size > 1:
@@ -104,3 +148,13 @@ class RunControl:
         if reasons and self.comm.rank == 0:
             log.info("At iteration %d: %s", iteration, action.reason)
         return action
+
+    def install(self) -> None:
+        """Count signals from now on (`catch()`), unless the command already does."""
+        self.owns_handlers = catch()
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back if `install()` replaced them."""
+        if self.owns_handlers:
+            release()
+            self.owns_handlers = False

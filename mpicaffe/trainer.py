@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from mpicaffe import progress, prototxt, snapshot
+from mpicaffe import progress, prototxt, signals, snapshot
 from mpicaffe.backends import resolve_backend
 from mpicaffe.backends.engine.lr_policy import learning_rate
 from mpicaffe.backends.training import open_backend
@@ -224,8 +224,12 @@ class Trainer:
                             resumed_from=self.cfg.snapshot)
         display_timer = time.perf_counter()
         display_from = solver.iter
-        while solver.iter < p.max_iter:
+        if solver.iter < p.max_iter:
+            self._stop_at_start()
+        while solver.iter < p.max_iter and not self.stopped_early:
             it = solver.iter
+            if it == p.max_iter - 1:
+                signals.reached("last-iteration")
             if recovery is not None:
                 recovery.commit()
             if p.test_interval and it % p.test_interval == 0 and (it > 0 or p.test_initialization):
@@ -258,7 +262,9 @@ class Trainer:
                 self.snapshot()
             if self._stop_requested():
                 break
-        if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0):
+        stopped_at_start = self.stopped_early and solver.iter == start_iter
+        if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0) and not stopped_at_start:
+            signals.reached("final-snapshot")
             self.snapshot()
         if p.test_interval and solver.iter % p.test_interval == 0 and solver.iter > start_iter and not self.stopped_early:
             self.test_all()
@@ -412,6 +418,16 @@ class Trainer:
             message += " (lower base_lr, or see --on-divergence rollback)"
         raise RankError(message, comm.rank)
 
+    def _stop_at_start(self) -> None:
+        """Collective, before the first iteration: a stop asked for during start-up stops here,
+        with no snapshot (nothing was trained yet)."""
+        with self.comm.labelled("signal agreement before the first iteration"):
+            action = self.control.at_boundary(self.solver.iter)
+        if action.stop:
+            self.stopped_early = action.reason
+            if self.comm.rank == 0:
+                log.info("Stopped before the first iteration (%s): nothing to snapshot", action.reason)
+
     def _stop_requested(self) -> bool:
         """Collective, after each iteration: act on signals and the snapshot timer (mpicaffe.signals)."""
         with self.comm.labelled("signal agreement at the iteration boundary"):
@@ -420,6 +436,10 @@ class Trainer:
             self.snapshot()
         if self.comm.rank == 0 and progress.enabled():
             progress.report("iteration", iteration=self.solver.iter)
+        if action.stop and self.solver.iter >= self.param.max_iter:
+            if self.comm.rank == 0:
+                log.info("The stop came with the last iteration: the run is finished")
+            return False
         if action.stop:
             self.stopped_early = action.reason
         return action.stop

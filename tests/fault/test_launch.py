@@ -267,10 +267,18 @@ def test_caffe_backend_sigterm_to_launch_then_resume_auto(tmp_path, mnist):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert status == 75, log
-    assert "Got SIGTERM: asking the job to snapshot and stop" in log and "SIGUSR1 on 2 rank(s)" in log
+    assert "Got SIGTERM: asking the job to snapshot and stop" in log
     stopped = _latest(tmp_path / "run")
-    assert 10 <= stopped < iters and stopped == len(losses_by_iteration(metrics))
+    # the signal may land after the last iteration (40 are quick): then the run is finished and
+    # exits 0 (tests/fault/test_signal_moments.py); otherwise it snapshots where it stopped
+    if status == 0:
+        assert stopped == iters, log
+        assert ("arrived after the last iteration: the run had finished" in log
+                or "The stop came with the last iteration: the run is finished" in log), log
+    else:
+        assert status == 75, log
+        assert "SIGUSR1 on 2 rank(s)" in log
+        assert 10 <= stopped < iters and stopped == len(losses_by_iteration(metrics))
 
     resumed = run_mpi(2, ["python", "-m", "mpicaffe", *train, "--resume", "auto"], timeout=900)
     assert f"--resume auto: resuming from {tmp_path}/run_iter_{stopped}.solverstate" in resumed.rank_stderr(0)
