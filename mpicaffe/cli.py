@@ -56,7 +56,10 @@ def _positive_int(text: str) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from mpicaffe import info
 
-    print(info.describe(args.net, args.phase, args.level, args.stage), end="")
+    table, error = info.describe(args.net, args.phase, args.level, args.stage)
+    print(table, end="", flush=True)
+    if error:
+        raise UserError(f"the net cannot be built: {error}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """`mpicaffe info`: the layers of a net as Caffe builds them for a phase, with shapes and costs.
 
 Output shapes, parameter counts and forward FLOPs come from building the net with the built-in
-engine (which needs the net's data sources); where that fails, the layer list is printed alone
-with the reason. FLOPs count a multiply-add as 2 for Convolution, Deconvolution and InnerProduct,
+engine (which needs the net's data sources). A net that cannot be built (as Caffe would refuse
+it, or with a data source missing) gets the layer list alone and the reason as an error; without
+torch installed, the layer list alone. FLOPs count a multiply-add as 2 for Convolution, Deconvolution and InnerProduct,
 and one operation per output element for other layers (data layers: 0).
 """
 from __future__ import annotations
@@ -43,18 +44,22 @@ def layer_costs(engine_net) -> list[tuple[int, int]]:
     return out
 
 
-def describe(path: str, phase: str = "TRAIN", level: int = 0, stages: list[str] | tuple = ()) -> str:
-    """Read, upgrade and filter the net at `path`; return a table of its layers."""
+def describe(path: str, phase: str = "TRAIN", level: int = 0, stages: list[str] | tuple = ()) -> tuple[str, str]:
+    """Read, upgrade and filter the net at `path`; return a table of its layers, and why the net
+    cannot be built ("" when it can, or when torch is missing)."""
     phase_value = prototxt.phase_from_name(phase)
     net_param = prototxt.net_for_phase(prototxt.read_net(path), phase_value, level, tuple(stages), path)
     rows = [("#", "name", "type", "bottoms", "tops", "top shapes", "params", "FLOPs")]
-    engine_net, why = None, ""
+    engine_net, error, why = None, "", ""
     try:
         from mpicaffe.backends.engine.net import Net
 
         engine_net = Net(net_param, source=path, retain_diffs=False)
-    except (UserError, ImportError) as e:
-        why = str(e)
+    except ImportError as e:
+        why = f"the built-in engine, which needs torch: {e}"
+    except UserError as e:
+        error = str(e)
+        why = "the net built, and it cannot be"
     total_params = total_flops = 0
     costs = layer_costs(engine_net) if engine_net is not None else []
     for i, layer in enumerate(net_param.layer):
@@ -82,7 +87,7 @@ def describe(path: str, phase: str = "TRAIN", level: int = 0, stages: list[str] 
     for r in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     if engine_net is None:
-        lines.append(f"(shapes, parameters and FLOPs need the net built: {why})")
+        lines.append(f"(shapes, parameters and FLOPs need {why})")
     else:
         lines.append(f"Total: {total_params:,} learnable parameters, {total_flops:,} forward FLOPs per batch")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", error

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mpicaffe.cli import main, normalize_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,16 +22,17 @@ def test_normalize_argv_accepts_gflags_spellings():
 
 
 def test_info_lists_layers_per_phase(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no data/ here: the layer list alone, with the reason
-    assert main(["info", LENET]) == 0
-    out = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # no data/ here: the layer list alone, and the reason as an error
+    assert main(["info", LENET]) == 1
+    out, err = capsys.readouterr()
+    assert "mpicaffe info: error: the net cannot be built: " in err and "data/mnist/mnist_train_lmdb" in err
     assert "Net 'LeNet' (phase TRAIN): 10 layers" in out
     lines = out.splitlines()
     assert lines[1].split() == ["#", "name", "type", "bottoms", "tops"]
     assert lines[2].split() == ["0", "mnist", "Data", "data,", "label"]
     assert "accuracy" not in out
-    assert "need the net built" in lines[-1] and "data/mnist/mnist_train_lmdb" in lines[-1]
-    assert main(["info", LENET, "-phase", "TEST"]) == 0
+    assert lines[-1] == "(shapes, parameters and FLOPs need the net built, and it cannot be)"
+    assert main(["info", LENET, "-phase", "TEST"]) == 1
     out = capsys.readouterr().out
     assert "(phase TEST): 11 layers" in out
     assert "9   accuracy  Accuracy         ip2, label  accuracy" in out.splitlines()
@@ -52,6 +55,21 @@ def test_user_error_exits_1_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert f"mpicaffe info: error: {bad}:1:" in proc.stderr and "nonsense" in proc.stderr
+
+
+@pytest.mark.parametrize("layers, reason", [
+    ('layer { name: "ip" type: "InnerProduct" bottom: "nowhere" top: "ip" inner_product_param { num_output: 2 } }',
+     "unknown bottom blob 'nowhere'"),
+    ('layer { name: "in" type: "Input" top: "a" top: "b" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 '
+     'dim: 5 } } }\nlayer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "c" }', "cat"),
+    ('layer { name: "x" type: "NoSuchLayer" top: "x" }', "NoSuchLayer")])
+def test_info_exits_1_on_a_net_that_cannot_be_built(tmp_path, capsys, layers, reason):
+    net = tmp_path / "net.prototxt"
+    net.write_text(layers + "\n")
+    assert main(["info", str(net)]) == 1
+    out, err = capsys.readouterr()
+    assert "(shapes, parameters and FLOPs need the net built, and it cannot be)" in out
+    assert err.startswith(f"mpicaffe info: error: the net cannot be built: {net}") and reason in err, err
 
 
 def test_unknown_phase_is_a_user_error(capsys):
