@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune_command.add_arguments(p)
     p.set_defaults(func=_cmd_prune)
 
+    # `main` hands `python ...` to mpicaffe.run before parsing: the script's arguments stay as given
+    p = sub.add_parser("python", help="run an unmodified pycaffe script (`import caffe` is mpicaffe's), "
+                                      "data-parallel under mpirun")
+    p.add_argument("script", help="the Python script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+
     from mpicaffe import supervisor
 
     p = sub.add_parser("launch", help="run `mpicaffe train` under mpirun, relaunching it on failure (--resume auto)")
@@ -314,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     counting signals until the process exits (MPI finalize included); called with `argv`, the
     previous handlers are back when it returns."""
     as_program = argv is None
-    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["python"] and argv[1:2] not in (["-h"], ["--help"]):
+        from mpicaffe import run
+
+        return run.main(argv[1:])
+    argv = normalize_argv(argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -20,9 +20,11 @@ from mpicaffe.backends.engine.solver_ranks import (
     solver_count,
     solver_rank,
 )
-from mpicaffe.caffe import io, proto
+from mpicaffe.caffe import distributed, io, proto
 from mpicaffe.caffe.layer import Layer
 from mpicaffe.caffe.net import Net
+from mpicaffe.caffe import coord_map, draw, net_spec
+from mpicaffe.caffe.net_spec import NetSpec, layers, params, to_proto
 from mpicaffe.proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
@@ -67,7 +69,9 @@ class Solver:
         param = prototxt.read_solver(filename)
         if self._type is not None:
             param.type = self._type
-        self._solver = _engine_solver.get_solver(param, filename, device=_default_device())
+        self._solver = _engine_solver.get_solver(param, filename, device=_default_device(),
+                                                 rank=solver_rank())
+        distributed.attach(self._solver)  # under `mpicaffe python` with several ranks: data-parallel
         self.net = Net._wrap(self._solver.net)
         self.test_nets = [Net._wrap(n) for n in self._solver.test_nets]
 
@@ -81,12 +85,15 @@ class Solver:
 
     def step(self, iters: int) -> None:
         self._solver.step(iters)
+        distributed.share_outputs(self._solver)
 
     def solve(self, resume_file: str | None = None) -> None:
         self._solver.solve(resume_file)
+        distributed.share_outputs(self._solver)
 
     def snapshot(self) -> None:
-        self._solver.snapshot()
+        if distributed.writes_files():
+            self._solver.snapshot()
 
     def restore(self, path: str) -> None:
         self._solver.restore(path)
@@ -127,12 +134,18 @@ __all__ = [
     "Layer",
     "NesterovSolver",
     "Net",
+    "NetSpec",
     "RMSPropSolver",
     "SGDSolver",
     "Solver",
+    "coord_map",
+    "draw",
     "get_solver",
     "io",
     "layer_type_list",
+    "layers",
+    "net_spec",
+    "params",
     "proto",
     "set_device",
     "set_mode_cpu",
@@ -143,4 +156,5 @@ __all__ = [
     "set_solver_rank",
     "solver_count",
     "solver_rank",
+    "to_proto",
 ]

@@ -192,8 +192,11 @@ class Net:
         self._net.share_trained_layers_with(other._net)
 
     def save(self, path: str) -> None:
-        """Write the weights as a binary .caffemodel."""
-        prototxt.write_binary(self._net.to_proto(), path)
+        """Write the weights as a binary .caffemodel (on rank 0 alone under `mpicaffe python`)."""
+        from mpicaffe.caffe import distributed
+
+        if distributed.writes_files():
+            prototxt.write_binary(self._net.to_proto(), path)
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """Feed a MemoryData net's first layer (pycaffe's Net.set_input_arrays)."""
