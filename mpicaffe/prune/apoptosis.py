@@ -33,6 +33,7 @@ from mpicaffe.backends.engine.solver import get_solver
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune import criteria
+from mpicaffe.prune.arguments import CRITERIA, DATA_CRITERIA
 from mpicaffe.prune.dependencies import Analysis
 from mpicaffe.prune.live import analyze_solver, multiply_add_count, parameter_count, probe_net, prune_solver
 from mpicaffe.prune.surgery import plan_cuts, prune_net_param
@@ -53,9 +54,9 @@ class ApoptosisConfig:
     def check(self) -> None:
         if self.every < 1:
             raise UserError(f"--prune-every must be >= 1 (got {self.every})")
-        if self.criterion not in criteria.CRITERIA:
+        if self.criterion not in CRITERIA:
             raise UserError(f"--prune-criterion: unknown criterion '{self.criterion}' "
-                            f"(choose {', '.join(criteria.CRITERIA)})")
+                            f"(choose {', '.join(CRITERIA)})")
         if not 0 < self.target < 1:
             raise UserError(f"--prune-target must be a fraction of the parameters between 0 and 1 (got {self.target})")
         if not 0 < self.step <= 1:
@@ -84,7 +85,7 @@ def choose_removal(solver, cfg: ApoptosisConfig, goal: Size, analysis: Analysis)
     smallest fraction <= cfg.step of every group's channels that brings the net within `goal`,
     else cfg.step."""
     orders = {}
-    if cfg.criterion in criteria.DATA_CRITERIA:
+    if cfg.criterion in DATA_CRITERIA:
         probe = probe_net(solver.net)
         try:
             if probe.inputs:

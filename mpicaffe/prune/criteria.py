@@ -25,9 +25,6 @@ import torch
 from mpicaffe.errors import UserError
 from mpicaffe.prune.dependencies import Group
 
-CRITERIA = ("l1", "l2", "activation", "apoptosis")
-DATA_CRITERIA = ("activation", "apoptosis")
-
 
 def weight_scores(group: Group, weights: dict[str, list[np.ndarray]], kind: str) -> np.ndarray:
     """l1 or l2 score per channel from the members' weight blobs (`weights[layer][0]`)."""

@@ -19,6 +19,7 @@ from mpicaffe.backends.engine.net import Net
 from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 from mpicaffe.prune import criteria
+from mpicaffe.prune.arguments import CRITERIA, DATA_CRITERIA
 from mpicaffe.prune.dependencies import Analysis, PhaseView, analyze
 from mpicaffe.prune.surgery import Cuts, Shapes, plan_cuts, prune_history, prune_net_param, prune_weights
 
@@ -121,8 +122,8 @@ class PrunableModel:
         `samples` forward passes of the TEST net (`feed(net)` sets its inputs when it has no data
         layer).
         """
-        if criterion not in criteria.CRITERIA:
-            raise UserError(f"--criterion: unknown criterion '{criterion}' (choose {', '.join(criteria.CRITERIA)})")
+        if criterion not in CRITERIA:
+            raise UserError(f"--criterion: unknown criterion '{criterion}' (choose {', '.join(CRITERIA)})")
         amounts = ratio or threshold
         if amounts is None:
             raise UserError("give --ratio or --threshold")
@@ -131,7 +132,7 @@ class PrunableModel:
         groups = [g for g in self.analysis.groups
                   if (not layers or any(m in layers for m in g.members)) and amounts.for_group(g) is not None]
         stats = {}
-        if criterion in criteria.DATA_CRITERIA and groups:
+        if criterion in DATA_CRITERIA and groups:
             net = self.nets[caffe_pb2.TEST]
             if net.inputs and feed is None:
                 raise UserError(f"{self.path}: --criterion {criterion} runs the net on its data, but its TEST phase "
@@ -140,7 +141,7 @@ class PrunableModel:
         weights = self.weight_arrays()
         removed = {}
         for g in groups:
-            if criterion in criteria.DATA_CRITERIA:
+            if criterion in DATA_CRITERIA:
                 order, scores = criteria.removal_order(criterion, stats=stats[g.name])
             else:
                 order, scores = criteria.removal_order(criterion, criteria.weight_scores(g, weights, criterion))
