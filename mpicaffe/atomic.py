@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 
 def write_file_atomic(path: str, write: Callable[[str], None]) -> None:

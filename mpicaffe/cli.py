@@ -63,6 +63,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_draw(args: argparse.Namespace) -> int:
+    from mpicaffe import draw, prototxt
+
+    output = args.output or args.output_file
+    if not output or (args.output and args.output_file and args.output != args.output_file):
+        raise UserError("give one output file: -o FILE.png (or .svg, .pdf, .dot)")
+    problem = draw.cannot_draw_to(output)
+    if problem:
+        raise UserError(problem)
+    net = prototxt.read_net(args.net)
+    phase = None if args.phase == "ALL" else prototxt.phase_from_name(args.phase)
+    print(f"Drawing net to {output}", flush=True)
+    try:
+        draw.draw_net_to_file(net, output, args.rankdir, phase, args.display_lrm)
+    except (OSError, ValueError, AssertionError) as e:  # pydot asserts when dot fails
+        raise UserError(f"cannot draw {args.net} to {output}: {e}") from None
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from mpicaffe import plot
+
+    plot.plot_files(args.files, args.output, labels=args.label, x=args.x, breakdown=args.breakdown)
+    print(f"Plotted {len(args.files)} file(s) to {args.output}", flush=True)
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from mpicaffe.data import convert
 
@@ -94,7 +121,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     signals.reached("start")
     comm = create_communicator()
     # rank 0 alone logs progress; the others report warnings and errors
-    setup_logging(args.verbose, quiet=comm.rank != 0)
+    _setup_logging(args, quiet=comm.rank != 0)
     if "OMP_NUM_THREADS" not in os.environ:
         # ranks sharing a node share its cores, rather than each starting one thread per core
         import torch
@@ -125,7 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             comm.abort(1)
         raise
-    code = STOPPED_EXIT_CODE if stopped else 0
+    code = args.signal_exit_code if stopped else 0
     signals.reached("exit")
     late = signals.pending()
     if late and not stopped:
@@ -147,6 +174,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
     from mpicaffe import score
     from mpicaffe.devices import select_device
 
+    if not args.weights:  # caffe test's refusal: random weights would be scored
+        raise UserError("Need model weights to score (--weights W.caffemodel)")
     score.score(args.model, args.weights, args.iterations, device=select_device(args.gpu),
                 level=args.level, stages=args.stage)
     return 0
@@ -180,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train unmodified Caffe models data-parallel under mpirun.",
     )
     parser.add_argument("--version", action="version", version=f"mpicaffe {__version__}")
-    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    _add_logging(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -254,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what SIGINT does at the next iteration boundary (Caffe's -sigint_effect; default stop)")
     snap.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot",
                       help="what SIGHUP does (Caffe's -sighup_effect; default snapshot). SIGTERM and SIGUSR1 "
-                           f"always snapshot and stop; a run stopped by a signal exits with {STOPPED_EXIT_CODE}")
+                           "always snapshot and stop")
+    snap.add_argument("--signal-exit-code", type=int, default=STOPPED_EXIT_CODE, choices=range(256), metavar="N",
+                      help=f"exit status of a run a signal stopped, after its snapshot (default {STOPPED_EXIT_CODE}: "
+                           "stopped, not finished, as `mpicaffe launch` and the Slurm script expect; 0: Caffe's)")
     div = p.add_argument_group("divergence (a non-finite loss or weights; see docs/fault-tolerance.md)")
     div.add_argument("--on-divergence", choices=("stop", "rollback"), default="stop",
                      help="stop: exit 1 naming the iteration and the first layer that went non-finite (default); "
@@ -289,16 +321,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state(p)
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("draw", help="draw a net as a graph image with graphviz (Caffe's draw_net.py)")
+    p.add_argument("net", help="net prototxt (text) or .caffemodel (binary)")
+    p.add_argument("output_file", nargs="?", help=argparse.SUPPRESS)  # draw_net.py's positional output
+    p.add_argument("-o", "--output", metavar="FILE", help="image to write; its extension is the format "
+                   "(.png, .svg, .pdf, .dot, ...)")
+    p.add_argument("--rankdir", choices=("LR", "TB", "BT", "RL"), default="LR",
+                   help="layout direction: LR (left to right, default), TB (top to bottom), BT, RL")
+    p.add_argument("--phase", type=str.upper, choices=("TRAIN", "TEST", "ALL"), default="ALL",
+                   help="draw the layers of this phase only (default ALL: every layer)")
+    p.add_argument("--display-lrm", action="store_true",
+                   help="show the lr_mult of Convolution, Deconvolution and InnerProduct layers")
+    p.set_defaults(func=_cmd_draw)
+
+    p = sub.add_parser("plot", help="draw learning curves (loss, test outputs, lr) from Caffe logs or --metrics files")
+    p.add_argument("files", nargs="+", metavar="LOG_OR_METRICS",
+                   help="logs of `mpicaffe train` or `caffe train` (glog lines), or `mpicaffe train --metrics` files")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="image to write; its extension is the format (.png, .svg, .pdf)")
+    p.add_argument("--label", action="append", default=[], metavar="NAME",
+                   help="name of each file's lines in the legend, in order, once per file (default: the file names)")
+    p.add_argument("--x", choices=("iterations", "seconds"), default="iterations",
+                   help="horizontal axis: iterations (default) or seconds since Solving (logs) or summed "
+                        "iteration times (metrics)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead of curves, stacked bars per rank of mean ms per iteration in compute, data wait, "
+                        "communication and update, from --metrics files (each rank's)")
+    p.set_defaults(func=_cmd_plot)
+
     from mpicaffe.data import convert
 
     p = sub.add_parser("convert", help="write Caffe LMDB datasets and mean files")
     convert.add_arguments(p)
     p.set_defaults(func=_cmd_convert)
 
-    from mpicaffe.prune import command as prune_command
+    from mpicaffe.prune import arguments as prune_arguments
 
     p = sub.add_parser("prune", help="remove channels from a trained net: smaller prototxt, weights, solver state")
-    prune_command.add_arguments(p)
+    prune_arguments.add_arguments(p)
     p.set_defaults(func=_cmd_prune)
 
     # `main` hands `python ...` to mpicaffe.run before parsing: the script's arguments stay as given
@@ -312,7 +372,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run `mpicaffe train` under mpirun, relaunching it on failure (--resume auto)")
     supervisor.add_arguments(p)
     p.set_defaults(func=_cmd_launch)
+    _add_logging_to_commands(sub)  # before or after the command, as gflags takes them
     return parser
+
+
+def _add_logging_to_commands(sub: argparse._SubParsersAction) -> None:
+    for p in sub.choices.values():
+        _add_logging(p)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):  # `convert digits ...`
+                _add_logging_to_commands(action)
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    """glog's flags (they override its GLOG_* variables). No defaults: a subcommand's would replace
+    a value given before the command."""
+    group = p.add_argument_group("logging (glog's flags and GLOG_* variables)")
+    default = argparse.SUPPRESS
+    group.add_argument("--verbose", action="store_true", default=default, help="log debug messages")
+    group.add_argument("--minloglevel", type=int, choices=range(4), default=default, metavar="N",
+                       help="log nothing below severity N: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL "
+                            "(default $GLOG_minloglevel, else 0)")
+    group.add_argument("--log-dir", default=default, metavar="DIR",
+                       help="also write glog's log files there: mpicaffe.INFO, .WARNING, .ERROR (default $GLOG_log_dir)")
+    group.add_argument("--logtostderr", action="store_true", default=default,
+                       help="log to stderr only, no files (default $GLOG_logtostderr)")
+
+
+def _setup_logging(args: argparse.Namespace, quiet: bool = False) -> None:
+    log_dir = getattr(args, "log_dir", None)
+    if log_dir and not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK)):
+        raise UserError(f"--log-dir {log_dir}: not a folder this user can write")
+    setup_logging(getattr(args, "verbose", False), quiet=quiet, minloglevel=getattr(args, "minloglevel", None),
+                  log_dir=log_dir, logtostderr=getattr(args, "logtostderr", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return run.main(argv[1:])
     argv = normalize_argv(argv)
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
     try:
+        _setup_logging(args)
         return args.func(args)
     except RankError as e:
         # raised alike on every rank: one message is enough

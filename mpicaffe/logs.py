@@ -32,14 +32,91 @@ class GlogFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
-def setup_logging(verbose: bool = False, stream=None, quiet: bool = False) -> None:
+# glog's severities by number (GLOG_minloglevel, -minloglevel), and its log file names
+_GLOG_LEVELS = (logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+_GLOG_FILES = (("INFO", logging.DEBUG), ("WARNING", logging.WARNING), ("ERROR", logging.ERROR))
+_file_handlers: dict[tuple[str, str], logging.Handler] = {}
+
+
+class GlogFileHandler(logging.Handler):
+    """glog's log file for one severity and up, made at the first record that reaches it:
+    `DIR/PROGRAM.HOST.USER.log.SEVERITY.YYYYMMDD-HHMMSS.PID`, with the link `DIR/PROGRAM.SEVERITY`
+    pointing at the newest (as `caffe` leaves `caffe.INFO`)."""
+
+    def __init__(self, log_dir: str, severity: str, level: int, program: str = "mpicaffe"):
+        super().__init__(level)
+        self.log_dir, self.severity, self.program = log_dir, severity, program
+        self.stream = None
+        self.failed = False
+        self.setFormatter(GlogFormatter())
+
+    def _open(self):
+        import getpass
+        import socket
+
+        now = time.localtime()
+        host = socket.gethostname()
+        name = (f"{self.program}.{host}.{getpass.getuser()}.log.{self.severity}."
+                f"{time.strftime('%Y%m%d-%H%M%S', now)}.{os.getpid()}")
+        path = os.path.join(self.log_dir, name)
+        stream = open(path, "a")  # noqa: SIM115 (kept open: the log of the whole run)
+        stream.write(f"Log file created at: {time.strftime('%Y/%m/%d %H:%M:%S', now)}\n"
+                     f"Running on machine: {host}\n"
+                     "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n")
+        link = os.path.join(self.log_dir, f"{self.program}.{self.severity}")
+        try:
+            if os.path.islink(link):
+                os.remove(link)
+            os.symlink(name, link)
+        except OSError:
+            pass  # glog too goes on without its link
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except OSError as e:  # said once; stderr still gets every line
+            self.failed = True
+            print(f"mpicaffe: cannot write glog's {self.severity} log file in {self.log_dir}: {e}", file=sys.stderr)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "y", "t")
+
+
+def setup_logging(verbose: bool = False, stream=None, quiet: bool = False, minloglevel: int | None = None,
+                  log_dir: str | None = None, logtostderr: bool | None = None) -> None:
     """Send the package's log records to stderr (as glog does) in glog's format; `quiet` keeps
-    only warnings and errors (ranks other than 0)."""
+    only warnings and errors (ranks other than 0).
+
+    As glog under `caffe`: nothing below `minloglevel` (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL;
+    default GLOG_minloglevel) is logged; with `log_dir` (default GLOG_log_dir) the records also
+    go to glog's INFO, WARNING and ERROR files there, unless `logtostderr` (GLOG_logtostderr)."""
+    if minloglevel is None:
+        try:
+            minloglevel = int(os.environ.get("GLOG_minloglevel", "0"))
+        except ValueError:
+            minloglevel = 0
+    log_dir = log_dir if log_dir is not None else os.environ.get("GLOG_log_dir", "")
+    logtostderr = logtostderr if logtostderr is not None else _env_flag("GLOG_logtostderr")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(GlogFormatter())
+    handlers: list[logging.Handler] = [handler]
+    if log_dir and not logtostderr:
+        for severity, level in _GLOG_FILES:
+            key = (os.path.abspath(log_dir), severity)
+            if key not in _file_handlers:  # one file per severity for the whole process
+                _file_handlers[key] = GlogFileHandler(log_dir, severity, level)
+            handlers.append(_file_handlers[key])
     root = logging.getLogger("mpicaffe")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    root.handlers[:] = handlers
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root.setLevel(max(level, _GLOG_LEVELS[min(max(minloglevel, 0), 3)]))
     root.propagate = False
 
 

@@ -266,8 +266,13 @@ class Trainer:
         if p.snapshot_after_train and (not p.snapshot or solver.iter % p.snapshot != 0) and not stopped_at_start:
             signals.reached("final-snapshot")
             self.snapshot()
-        if p.test_interval and solver.iter % p.test_interval == 0 and solver.iter > start_iter and not self.stopped_early:
-            self.test_all()
+        if not self.stopped_early:
+            # Caffe's Solve() after the last step: a forward pass to display the final loss, and a
+            # test (also when max_iter is 0)
+            if p.display and solver.iter % p.display == 0:
+                self._final_loss()
+            if p.test_interval and solver.iter % p.test_interval == 0:
+                self.test_all()
         self.check_parameters_agree()
         self.control.uninstall()
         self._log_data_wait(solver.iter - start_iter)
@@ -294,6 +299,16 @@ class Trainer:
         log.info("Training on %d rank(s) (%s): global batch %d (%s; the prototxt says %d); effective base_lr %s%s",
                  n, self.comm.name, plan.global_batch, per_rank, plan.prototxt_batch, format_float(lr), scaled)
         log.info("Backend: %s", self.backend.name)
+
+    def _final_loss(self) -> None:
+        """Collective: Caffe's closing `Iteration N, loss = L` (the smoothed loss, with one more
+        forward pass of the train net)."""
+        self._smoothing.add(self.backend.forward_loss())
+        buf = np.array([self._smoothing.value], np.float32)
+        with self.comm.labelled("final loss"):
+            self.comm.allreduce_mean_(buf)
+        if self.comm.rank == 0:
+            log.info("Iteration %d, loss = %s", self.solver.iter, format_float(buf[0]))
 
     def _display(self, it: int, per_s: float, lapse: float, rate: float) -> None:
         names, values, weights = self.backend.output_values(self.solver.net)

@@ -30,8 +30,16 @@ def caffe_tool(name: str) -> str:
 
 
 def import_pycaffe():
-    """Import pycaffe (`caffe`), or skip/fail."""
+    """Import pycaffe (`caffe`), or skip/fail. Its glog, which reads GLOG_minloglevel when the
+    library loads, logs warnings and errors only (unless the environment says otherwise); the
+    variable is not left set, since mpicaffe honours it too and its subprocesses would inherit it."""
+    quiet = "GLOG_minloglevel" not in os.environ
+    if quiet:
+        os.environ["GLOG_minloglevel"] = "2"
     try:
         return importlib.import_module("caffe")
     except ImportError as e:
         _missing(f"pycaffe is not importable (run scripts/install_caffe.sh): {e}")
+    finally:
+        if quiet:
+            del os.environ["GLOG_minloglevel"]

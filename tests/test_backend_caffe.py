@@ -12,8 +12,6 @@ from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 from tests.real_caffe import import_pycaffe
 
-os.environ.setdefault("GLOG_minloglevel", "2")
-
 # two InnerProducts sharing their weights by name, so learnable_params has 3 blobs, not 4
 NET = """
 name: "tiny"

@@ -60,8 +60,8 @@ def test_user_error_exits_1_without_traceback(tmp_path):
 @pytest.mark.parametrize("layers, reason", [
     ('layer { name: "ip" type: "InnerProduct" bottom: "nowhere" top: "ip" inner_product_param { num_output: 2 } }',
      "unknown bottom blob 'nowhere'"),
-    ('layer { name: "in" type: "Input" top: "a" top: "b" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 '
-     'dim: 5 } } }\nlayer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "c" }', "cat"),
+    (('layer { name: "in" type: "Input" top: "a" top: "b" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 '
+      'dim: 4 dim: 5 } } }\nlayer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "c" }'), "cat"),
     ('layer { name: "x" type: "NoSuchLayer" top: "x" }', "NoSuchLayer")])
 def test_info_exits_1_on_a_net_that_cannot_be_built(tmp_path, capsys, layers, reason):
     net = tmp_path / "net.prototxt"
@@ -153,3 +153,32 @@ def test_stage_takes_caffes_comma_separated_list(tmp_path, capsys):
     assert main(["info", str(net), "--stage", "a,b"]) == 0
     out = capsys.readouterr().out
     assert "3 layers" in out and " a " in out and " b " in out and " c " not in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "--help"], ["launch", "--help"],
+                                  ["prune", "--help"], ["convert", "digits", "--help"]])
+def test_commands_that_do_not_train_import_no_torch(argv):
+    # `mpicaffe --help` took 1.5-2.3 s importing torch (an optional extra) through the prune flags
+    code = ("import sys\nfrom mpicaffe.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'mpi4py' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.splitlines()[-1] == "False False"
+
+
+def test_the_lowest_declared_python_is_the_one_tested():
+    # requires-python said >=3.9 while the code needs 3.10 (`isinstance(e, A | B)`): CI runs the
+    # lowest version pyproject.toml declares, so the declaration is tested
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["requires-python"]
+    assert declared.startswith(">=")
+    lowest = tuple(int(part) for part in declared[2:].split("."))
+    assert sys.version_info[:2] == lowest, f"tests run on {sys.version_info[:2]}, pyproject declares {declared}"
+
+
+def test_test_without_weights_is_refused_as_caffe_refuses_it(capsys):
+    # `caffe test` CHECKs "Need model weights to score."; mpicaffe scored random weights
+    assert main(["test", "--model", LENET]) == 1
+    assert "mpicaffe test: error: Need model weights to score" in capsys.readouterr().err

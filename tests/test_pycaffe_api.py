@@ -114,3 +114,34 @@ def test_transformer_preprocess_and_deprocess():
     np.testing.assert_allclose(x, expected, rtol=1e-5)
     np.testing.assert_allclose(t.deprocess("data", x), img, rtol=1e-5, atol=1e-6)
     assert "Convolution" in caffe.layer_type_list()
+
+
+def test_free_functions_timer_log_nccl_and_version(capsys, monkeypatch):
+    assert caffe.__version__ == "1.0.0" and caffe.has_nccl() is False
+    caffe.NCCL(None, "uid")  # Caffe built without NCCL: builds, does nothing
+    timer = caffe.Timer()
+    assert timer.ms == 0.0
+    timer.start()
+    first = timer.ms  # reading stops the timer
+    assert first >= 0 and timer.ms == first
+    monkeypatch.setenv("GLOG_minloglevel", "0")  # glog's threshold, which init_log honours
+    caffe.init_log()
+    caffe.log("hello from pycaffe")
+    assert "hello from pycaffe" in capsys.readouterr().err
+    caffe.set_solver_count(2)
+    caffe.set_solver_rank(1)
+    try:
+        assert (caffe.solver_count(), caffe.solver_rank()) == (2, 1)
+    finally:
+        caffe.set_solver_count(1)
+        caffe.set_solver_rank(0)
+
+
+def test_layer_setup_and_reshape_shape_the_tops():
+    net = caffe.Net(DEPLOY, caffe.TEST)
+    conv = net.layer_dict["conv1"]
+    top = [net.blobs["conv1"]]
+    net.blobs["data"].reshape(2, 1, 28, 28)
+    conv.reshape([net.blobs["data"]], top)
+    assert top[0].shape == (2, 20, 24, 24)
+    assert net._blob_names[net._inputs[0]] == "data" and net._blob_names[net._outputs[0]] == "prob"

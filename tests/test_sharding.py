@@ -1,4 +1,6 @@
 """Rank sharding (mpicaffe.data.sharding): contiguous shard ranges and seeking to them in an LMDB."""
+import itertools
+
 import lmdb
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from mpicaffe.errors import UserError
 def test_shards_are_contiguous_cover_and_balanced(n, size):
     bounds = [shard_bounds(n, r, size) for r in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    for (_, end), (start, _) in zip(bounds, bounds[1:]):
+    for (_, end), (start, _) in itertools.pairwise(bounds):
         assert end == start  # contiguous, disjoint, in rank order
     sizes = [end - start for start, end in bounds]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -229,6 +229,10 @@ class CaffeTraining:
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         return output_values(net)
 
+    def forward_loss(self) -> float:
+        net = self.solver.net
+        return float(net._forward(0, len(net.layers) - 1))
+
     def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
         net = self.solver.test_nets[i]
         net.share_with(self.solver.net)

@@ -152,6 +152,10 @@ class EngineTraining:
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         return net_output_values(net)
 
+    def forward_loss(self) -> float:
+        with torch.no_grad():
+            return float(self.solver.net.forward())
+
     def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
         names, sums, weights, loss, _ = self.solver.test_sums(i, count)
         return names, sums, weights, loss

@@ -60,6 +60,10 @@ class TrainingBackend(Protocol):
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         """Names, float32 values and loss weights of each element of `net`'s outputs."""
 
+    def forward_loss(self) -> float:
+        """Forward the train net once (a batch of data, no update) and return its loss: Caffe's
+        extra pass after the last iteration, to display the final loss."""
+
     def test_sums(self, i: int, count: int) -> tuple[list[str], np.ndarray, list[float], np.float32]:
         """Forward test net `i` `count` times with the train net's weights: output names, the
         float32 sum of each output element, loss weights, the summed loss."""

@@ -8,9 +8,12 @@ they are views, as in pycaffe.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
-from mpicaffe import prototxt
+from mpicaffe import logs, prototxt
 from mpicaffe.backends.engine import solver as _engine_solver
 from mpicaffe.backends.engine.layers import layer_types
 from mpicaffe.backends.engine.solver_ranks import (
@@ -20,15 +23,18 @@ from mpicaffe.backends.engine.solver_ranks import (
     solver_count,
     solver_rank,
 )
-from mpicaffe.caffe import distributed, io, proto
+from mpicaffe.caffe import coord_map, distributed, draw, io, net_spec, proto
+from mpicaffe.caffe.classifier import Classifier
+from mpicaffe.caffe.detector import Detector
 from mpicaffe.caffe.layer import Layer
 from mpicaffe.caffe.net import Net
-from mpicaffe.caffe import coord_map, draw, net_spec
 from mpicaffe.caffe.net_spec import NetSpec, layers, params, to_proto
 from mpicaffe.proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
+
+__version__ = "1.0.0"  # the BVLC Caffe release whose pycaffe this follows
 
 _mode = {"gpu": False, "device": 0}
 
@@ -53,6 +59,51 @@ def set_random_seed(seed: int) -> None:
 
 def _default_device() -> str:
     return f"cuda:{_mode['device']}" if _mode["gpu"] else "cpu"
+
+
+def init_log() -> None:
+    """Print log lines (INFO and up) on stderr in glog's format, as pycaffe's init_log."""
+    logs.setup_logging()
+
+
+def log(message: str) -> None:
+    """Write `message` as an INFO log line (pycaffe's caffe.log)."""
+    logging.getLogger("mpicaffe.caffe").info(message)
+
+
+def has_nccl() -> bool:
+    """False: mpicaffe runs several solvers with MPI (`mpirun ... mpicaffe python`), not NCCL."""
+    return False
+
+
+class NCCL:
+    """pycaffe's NCCL(solver, uid), as Caffe built without NCCL has it: it does nothing."""
+
+    def __init__(self, solver, uid: str):
+        pass
+
+
+class Timer:
+    """Wall-clock timer: start(), stop(), and `ms`, the milliseconds from start to stop (reading
+    it stops a running timer), as pycaffe's caffe.Timer."""
+
+    def __init__(self):
+        self._start = self._stop = None
+
+    def start(self) -> None:
+        if self._stop is not None or self._start is None:
+            self._start, self._stop = time.perf_counter(), None
+
+    def stop(self) -> None:
+        if self._start is not None and self._stop is None:
+            self._stop = time.perf_counter()
+
+    @property
+    def ms(self) -> float:
+        if self._start is None:
+            return 0.0
+        self.stop()
+        return (self._stop - self._start) * 1000.0
 
 
 def layer_type_list() -> list[str]:
@@ -126,11 +177,14 @@ def get_solver(filename: str) -> Solver:
 
 
 __all__ = [
+    "NCCL",
     "TEST",
     "TRAIN",
     "AdaDeltaSolver",
     "AdaGradSolver",
     "AdamSolver",
+    "Classifier",
+    "Detector",
     "Layer",
     "NesterovSolver",
     "Net",
@@ -138,12 +192,17 @@ __all__ = [
     "RMSPropSolver",
     "SGDSolver",
     "Solver",
+    "Timer",
+    "__version__",
     "coord_map",
     "draw",
     "get_solver",
+    "has_nccl",
+    "init_log",
     "io",
     "layer_type_list",
     "layers",
+    "log",
     "net_spec",
     "params",
     "proto",

@@ -40,10 +40,16 @@ def blobprotovector_str_to_arraylist(data: bytes) -> list[np.ndarray]:
 
 
 def array_to_datum(arr: np.ndarray, label: int | None = None) -> caffe_pb2.Datum:
-    """A Datum from a (C, H, W) array: uint8 as bytes, anything else as float_data."""
+    """A Datum from a (C, H, W) array: uint8 as bytes, anything else as float_data; the label
+    is left unset when None."""
     if np.asarray(arr).ndim != 3:
         raise ValueError("incorrect array shape: a datum holds a (C, H, W) array")
-    return lmdb_io.array_to_datum(np.asarray(arr), 0 if label is None else int(label))
+    datum = lmdb_io.array_to_datum(np.asarray(arr))
+    if label is None:
+        datum.ClearField("label")
+    else:
+        datum.label = int(label)
+    return datum
 
 
 def datum_to_array(datum: caffe_pb2.Datum) -> np.ndarray:
@@ -77,7 +83,7 @@ def oversample(images, crop_dims) -> np.ndarray:
                   ((h - crop_h) // 2, (w - crop_w) // 2)]
         crops = [im[y:y + crop_h, x:x + crop_w] for y, x in starts]
         out.extend(crops + [c[:, ::-1] for c in crops])
-    return np.asarray(out)
+    return np.asarray(out, dtype=np.float32)
 
 
 class Transformer:
@@ -97,10 +103,14 @@ class Transformer:
 
     def set_transpose(self, name: str, order) -> None:
         self._check(name)
+        if len(order) != len(self.inputs[name]) - 1:
+            raise ValueError("transpose order needs as many dimensions as the input")
         self.transpose[name] = tuple(order)
 
     def set_channel_swap(self, name: str, order) -> None:
         self._check(name)
+        if len(order) != self.inputs[name][1]:
+            raise ValueError("channel swap needs as many entries as the input has channels")
         self.channel_swap[name] = tuple(order)
 
     def set_raw_scale(self, name: str, scale: float) -> None:
@@ -112,16 +122,22 @@ class Transformer:
         self.input_scale[name] = scale
 
     def set_mean(self, name: str, mean: np.ndarray) -> None:
-        """Mean per channel (K,) or per pixel (K, H, W) of the input's (K, H, W) layout."""
+        """Mean per channel (K,) or per pixel ((H, W) or (K, H, W), resized to the input's size as
+        pycaffe does) of the input's (K, H, W) layout."""
         self._check(name)
-        mean = np.asarray(mean, dtype=np.float32)
+        mean = np.asarray(mean)
         k = self.inputs[name][1]
         if mean.ndim == 1:
             if mean.shape[0] != k:
                 raise ValueError("mean channels incompatible with input")
             mean = mean[:, np.newaxis, np.newaxis]
-        elif mean.shape[0] != k or mean.ndim != 3:
-            raise ValueError("mean shape incompatible with input shape")
+        else:
+            shape = (1,) + mean.shape if mean.ndim == 2 else mean.shape
+            if len(shape) != 3:
+                raise ValueError("mean shape invalid: (K,), (H, W) or (K, H, W)")
+            if tuple(shape) != tuple(self.inputs[name][1:]):
+                mean = resize_image(mean.reshape(shape).transpose(1, 2, 0).astype(np.float32),
+                                    self.inputs[name][2:]).transpose(2, 0, 1)
         self.mean[name] = mean
 
     def preprocess(self, name: str, data: np.ndarray) -> np.ndarray:

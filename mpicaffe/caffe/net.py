@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import zip_longest
 
 import numpy as np
 import torch
 
 from mpicaffe import prototxt
+from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.blob import Blob
 from mpicaffe.backends.engine.net import Net as EngineNet
 from mpicaffe.errors import UserError
@@ -27,6 +29,17 @@ class LayerView:
     def blobs(self) -> list[Blob]:
         layer = self._net.layers[self._index]
         return [self._net._param_blob(layer, j) for j in range(len(layer.blobs))]
+
+    def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        """Set the layer up for these bottoms and shape the tops (pycaffe's Layer.setup)."""
+        self._net.layers[self._index].setup([b.tensor for b in bottom])
+        self.reshape(bottom, top)
+
+    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
+        """Give the tops the shapes this layer makes from these bottoms (pycaffe's Layer.reshape)."""
+        tops = self._net.layers[self._index].infer_tops([b.tensor for b in bottom])
+        for blob, t in zip(top, tops):
+            blob.reshape(*t.shape)
 
     def __getattr__(self, name):
         # layer-specific extras (e.g. MemoryData's set_input_arrays) come from the engine layer
@@ -56,6 +69,7 @@ class Net:
         param = prototxt.read_net(network_file)
         param = prototxt.net_for_phase(param, phase, level, tuple(stages or ()), network_file)
         self._net = EngineNet(param, device=device or _default_device(), source=network_file)
+        self._net.record_edges = True  # for backward(start=, end=)
         if weights:
             self.copy_from(weights)
 
@@ -63,6 +77,7 @@ class Net:
     def _wrap(cls, engine_net: EngineNet) -> Net:
         net = cls.__new__(cls)
         net._net = engine_net
+        engine_net.record_edges = True
         return net
 
     # --- structure ---
@@ -110,6 +125,36 @@ class Net:
                 weights[name] = w
         return weights
 
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self._net.blobs)
+
+    @property
+    def _blobs(self) -> list[Blob]:
+        return list(self._net.blobs.values())
+
+    @property
+    def _blob_loss_weights(self) -> list[float]:
+        return list(self.blob_loss_weights.values())
+
+    @property
+    def _inputs(self) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self._net.inputs]
+
+    @property
+    def _outputs(self) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self._net.outputs]
+
+    def _top_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self._net._top_names[i]]
+
+    def _bottom_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self._net._bottom_names[i]]
+
     # --- running ---
     def _index(self, layer_name: str | None, default: int) -> int:
         if layer_name is None:
@@ -137,56 +182,146 @@ class Net:
         names += [b for b in (blobs or []) if b not in names]
         return {name: self._net.blobs[name].data for name in names}
 
-    def backward(self, diffs=None, start=None, end=None, **kwargs) -> dict:
-        """Set output diffs from `kwargs`, backpropagate the last forward through the whole net,
-        and return the input blobs' diffs plus any blobs named in `diffs`.
+    def _forward(self, start: int, end: int) -> float:
+        """Run layers start..end by index; the weighted loss (pycaffe's Net._forward)."""
+        return self._net.forward(start, end)
 
-        The backward always runs over the whole net (autograd); `start`/`end` are not supported.
-        """
-        if start is not None or end is not None:
-            raise UserError("the built-in engine backpropagates the whole net; backward(start=, end=) "
-                            "is not supported")
+    def backward(self, diffs=None, start: str | None = None, end: str | None = None, **kwargs) -> dict:
+        """Set output diffs from `kwargs`, backpropagate the last forward from layer `start` down
+        to layer `end` (both included; the whole net by default), and return the diffs of `end`'s
+        bottoms (or of the net inputs) plus any blobs named in `diffs`, as pycaffe does."""
         for name, value in kwargs.items():
             if name not in self.outputs:
                 raise UserError(f"top diff arguments {sorted(kwargs)} do not match net outputs {self.outputs}")
+            value = np.asarray(value, dtype=np.float32)
             blob = self._net.blobs[name]
+            if value.shape[0] != blob.shape[0]:
+                raise UserError(f"diff '{name}' is not batch sized ({value.shape[0]} vs {blob.shape[0]})")
             if blob._diff is None or blob._diff.shape != blob.tensor.shape:
                 blob._diff = torch.zeros_like(blob.tensor)
-            blob._diff.copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
-        self._net.backward()
-        names = list(self.inputs) + [b for b in (diffs or []) if b not in self.inputs]
+            blob._diff.copy_(torch.as_tensor(value))
+        if start is None and end is None:
+            self._net.backward()
+        else:
+            self._backward(self._index(start, len(self._net.layers) - 1), self._index(end, 0))
+        names = list(self._net._bottom_names[self._index(end, 0)]) if end is not None else list(self.inputs)
+        names += [b for b in (diffs or []) if b not in names]
         return {name: self._net.blobs[name].diff for name in names}
 
+    def _backward(self, start: int, end: int) -> None:
+        """Backpropagate layer by layer from index `start` down to `end`, as Caffe's BackwardFromTo:
+        each layer reads its tops' diffs as they stand (a loss top's is its loss weight), writes
+        its bottoms' diffs and adds to its parameters' diffs. A blob read by several layers gets
+        the sum of their diffs (Caffe's Split)."""
+        net = self._net
+        net.ensure_graph()
+        if len(net.layer_edges) != len(net.layers):
+            raise UserError("backward needs a forward with gradients first")
+        written: set[tuple[str, int]] = set()  # (blob, the layer that wrote it) diffs set in this pass
+        for i in range(start, end - 1, -1):
+            bottom_edges, top_edges = net.layer_edges[i]
+            outs, seeds = [], []
+            for name, edge, w in zip(net._top_names[i], top_edges, net.loss_weights[i]):
+                if edge is not None:
+                    blob = net.blobs[name]
+                    outs.append(edge)
+                    seeds.append(torch.full_like(blob.tensor, w) if w else blob.diff_tensor)
+            layer = net.layers[i]
+            params = [(j, t) for j, t in enumerate(layer.blobs) if t.requires_grad]
+            bottoms = [(name, e) for name, e in zip(net._bottom_names[i], bottom_edges) if e is not None]
+            inputs = [e for _, e in bottoms] + [t for _, t in params]
+            if not outs or not inputs:
+                continue
+            # the bottoms' producers run later in this pass (or not at all): nothing flows past
+            # them now (the gradient at a bottom is captured before its producer's hooks run)
+            hooks = [e.node.register_prehook(_no_gradient) for _, e in bottoms]
+            try:
+                grads = torch.autograd.grad(outs, inputs, seeds, retain_graph=True, allow_unused=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for (name, _), g in zip(bottoms, grads):
+                if g is None:
+                    continue
+                key = (name, self._writer(name, i))
+                blob = net.blobs[name]
+                _set_diff(blob, blob.diff_tensor + g if key in written else g)
+                written.add(key)
+            for (j, _), g in zip(params, grads[len(bottoms):]):
+                if g is not None:
+                    net._param_blob(layer, j).diff_tensor.add_(g)
+
+    def _writer(self, blob: str, before: int) -> int:
+        """Index of the last layer before `before` that wrote `blob` (-1: none)."""
+        for j in range(before - 1, -1, -1):
+            if blob in self._net._top_names[j]:
+                return j
+        return -1
+
+    def _batch(self, blobs: dict):
+        """Split {name: array} into the net's batch size, the last batch padded with zeros."""
+        num = len(next(iter(blobs.values())))
+        batch = next(iter(self._net.blobs.values())).shape[0]
+        for i in range(0, num - num % batch, batch):
+            yield {name: v[i:i + batch] for name, v in blobs.items()}
+        rest = num % batch
+        if rest:
+            yield {name: np.concatenate([np.asarray(v[num - rest:]),
+                                         np.zeros((batch - rest,) + np.asarray(v).shape[1:], np.float32)])
+                   for name, v in blobs.items()}
+
     def forward_all(self, blobs=None, **kwargs) -> dict:
-        """Run forward over inputs of any length in batch-size chunks and concatenate the outputs."""
-        names = list(self.outputs) + [b for b in (blobs or []) if b not in self.outputs]
+        """Run forward over inputs of any length in batch-size chunks and concatenate the outputs
+        (and the blobs named in `blobs`), dropping the padding of the last chunk."""
+        names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
         if not kwargs:
             return {k: v.copy() for k, v in self.forward(blobs=blobs).items()}
-        n = len(next(iter(kwargs.values())))
-        batch = self._net.blobs[next(iter(kwargs))].shape[0]
         outs: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for i in range(0, n, batch):
-            chunk = {k: np.asarray(v[i:i + batch]) for k, v in kwargs.items()}
-            pad = batch - len(next(iter(chunk.values())))
-            if pad:
-                chunk = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
-            result = self.forward(blobs=blobs, **chunk)
+        for batch in self._batch(kwargs):
+            result = self.forward(blobs=blobs, **batch)
             for name in names:
-                outs[name].append(result[name][:batch - pad].copy())
-        return {name: np.concatenate(parts) for name, parts in outs.items()}
+                outs[name].append(result[name].copy())
+        n = len(next(iter(kwargs.values())))
+        return {name: np.concatenate(parts)[:n] for name, parts in outs.items()}
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs) -> tuple[dict, dict]:
+        """forward and backward over inputs (and output diffs) of any length in batch-size chunks:
+        the concatenated outputs plus `blobs`, and input diffs plus `diffs`, as pycaffe's."""
+        out_names = list(dict.fromkeys(list(self.outputs) + list(blobs or [])))
+        diff_names = list(dict.fromkeys(list(self.inputs) + list(diffs or [])))
+        forward_in = {k: kwargs[k] for k in self.inputs if k in kwargs}
+        backward_in = {k: kwargs[k] for k in self.outputs if k in kwargs}
+        all_outs: dict[str, list[np.ndarray]] = {name: [] for name in out_names}
+        all_diffs: dict[str, list[np.ndarray]] = {name: [] for name in diff_names}
+        batches = zip_longest(self._batch(forward_in) if forward_in else (),
+                              self._batch(backward_in) if backward_in else (), fillvalue={})
+        for fb, bb in batches:
+            outs = self.forward(blobs=blobs, **fb)
+            grads = self.backward(diffs=diffs, **bb)
+            for name in out_names:
+                all_outs[name].append(outs[name].copy())
+            for name in diff_names:
+                all_diffs[name].append(grads[name].copy())
+        n = len(next(iter(kwargs.values()))) if kwargs else None
+        return ({name: np.concatenate(parts)[:n] for name, parts in all_outs.items()},
+                {name: np.concatenate(parts)[:n] for name, parts in all_diffs.items()})
+
+    def clear_param_diffs(self) -> None:
+        """Zero every parameter diff (Caffe's Net::ClearParamDiffs)."""
+        self._net.clear_param_diffs()
 
     def reshape(self) -> None:
         self._net.reshape()
 
     # --- weights ---
     def copy_from(self, path: str) -> None:
-        """Load weights by layer name from a .caffemodel (or .caffemodel.h5)."""
-        if path.endswith(".h5"):
-            from mpicaffe.backends.engine import snapshot_io
+        """Load weights by layer name from a binary .caffemodel (whatever its name) or, for a
+        name ending in .h5, Caffe's HDF5 weights, as Caffe's CopyTrainedLayersFrom."""
+        snapshot_io.load_weights(self._net, path)
 
-            snapshot_io.copy_from_hdf5(self._net, path)
-        else:
-            self._net.copy_from(prototxt.read_net(path), path)
+    def load_hdf5(self, path: str) -> None:
+        """Load weights by layer name from Caffe's HDF5 weights file (Net::CopyTrainedLayersFromHDF5)."""
+        snapshot_io.copy_from_hdf5(self._net, path)
 
     def share_with(self, other: Net) -> None:
         self._net.share_trained_layers_with(other._net)
@@ -198,9 +333,33 @@ class Net:
         if distributed.writes_files():
             prototxt.write_binary(self._net.to_proto(), path)
 
+    def save_hdf5(self, path: str) -> None:
+        """Write the weights in Caffe's HDF5 layout, as its .caffemodel.h5 snapshots (Net::ToHDF5)."""
+        from mpicaffe.caffe import distributed
+
+        if distributed.writes_files():
+            snapshot_io.write_caffemodel_hdf5(self._net, path)
+
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
-        """Feed a MemoryData net's first layer (pycaffe's Net.set_input_arrays)."""
+        """Feed a MemoryData net's first layer (pycaffe's Net.set_input_arrays); labels may be 1-D."""
+        if np.asarray(labels).ndim == 1:
+            labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
+        self._set_input_arrays(data, labels)
+
+    def _set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         first = self._net.layers[0]
         if first.type != "MemoryData":
             raise UserError("set_input_arrays needs a MemoryData layer as the net's first layer")
         first.set_input_arrays(data, labels)
+
+
+def _no_gradient(grad_outputs):
+    """A node pre-hook that lets no gradient through the node."""
+    return tuple(None if g is None else torch.zeros_like(g) for g in grad_outputs)
+
+
+def _set_diff(blob: Blob, diff: torch.Tensor) -> None:
+    if blob.grad_tensor is not None:  # an input leaf: its diff is the tensor's .grad
+        blob.grad_tensor.grad = diff
+    else:
+        blob._diff = diff

@@ -12,8 +12,7 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Callable, Union
+from collections.abc import Callable, Iterable, Iterator
 
 import lmdb
 import numpy as np
@@ -27,7 +26,7 @@ COMMIT_EVERY = 1000
 # Address space reserved up front; the file itself only grows as records arrive.
 INITIAL_MAP_SIZE = 1 << 30
 
-Record = tuple[bytes, Union[caffe_pb2.Datum, bytes]]
+Record = tuple[bytes, caffe_pb2.Datum | bytes]
 
 
 def datum_key(index: int, name: str | None = None) -> bytes:

@@ -5,7 +5,7 @@ reads: a (1, C, H, W) blob of float32 means over every record of a database.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from google.protobuf.message import DecodeError

@@ -50,8 +50,8 @@ def _solver(tmp_path, source) -> str:
     return str(path)
 
 
-def _train(tmp_path, digits, at: str, ranks: int = 2):
-    argv = ["python", "-m", "mpicaffe", "train", "--solver", _solver(tmp_path, digits)]
+def _train(tmp_path, digits, at: str, ranks: int = 2, *flags: str):
+    argv = ["python", "-m", "mpicaffe", "train", "--solver", _solver(tmp_path, digits), *flags]
     env = {"MPICAFFE_SIGNAL_AT": at}
     if ranks == 1:
         proc = subprocess.run([sys.executable, *argv[1:]], env=mpi_env(env), capture_output=True, text=True, check=False,
@@ -109,3 +109,9 @@ def test_a_signal_after_the_last_iteration_leaves_a_finished_run(tmp_path, digit
     assert "Optimization Done." in log
     assert _snapshots(tmp_path) == [ITERS]
     assert os.path.getsize(f"{tmp_path}/s_iter_{ITERS}.caffemodel") > 0
+
+
+def test_signal_exit_code_0_gives_caffes_status_for_a_stopped_run(tmp_path, digits):
+    status, log, _ = _train(tmp_path, digits, "start:SIGTERM", 1, "--signal-exit-code", "0")
+    assert status == 0, log
+    assert "Optimization stopped early." in log

@@ -88,7 +88,7 @@ def _setup(folder, name, x, y, batch, max_iter=ITERS):
 def _train(np_, solver, folder, name, *extra, check=True, backend="caffe"):
     argv = ["python", "-m", "mpicaffe", "train", "--solver", solver, "--backend", backend,
             "--metrics", str(folder / f"{name}_metrics.jsonl"), "--check-every", "10", *extra]
-    env = {"MPICAFFE_SHARD_CACHE": str(folder / "shards"), "GLOG_minloglevel": "1"}
+    env = {"MPICAFFE_SHARD_CACHE": str(folder / "shards")}
     return run_mpi(np_, argv, timeout=120, env=env, check=check)
 
 
@@ -171,7 +171,7 @@ def test_ranks_that_diverge_are_stopped(runs):
         sys.exit(main(["train", "--solver", {str(folder / "two_solver.prototxt")!r}, "--backend", "caffe",
                        "--check-every", "5"]))
     """))
-    env = {"MPICAFFE_SHARD_CACHE": str(folder / "shards"), "GLOG_minloglevel": "1"}
+    env = {"MPICAFFE_SHARD_CACHE": str(folder / "shards")}
     result = run_mpi(2, ["python", str(wrapper)], timeout=120, env=env, check=False)
     assert result.returncode != 0
     assert "ranks disagree on the weights at iteration 5 (ranks diverged)" in result.output

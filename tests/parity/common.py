@@ -1,11 +1,5 @@
-"""Shared helpers of the parity tests: the same net in real Caffe (pycaffe) and the built-in engine.
-
-Importing this module quiets Caffe's glog (GLOG_minloglevel=2, warnings off) unless the
-environment says otherwise; it must be imported before pycaffe is.
-"""
+"""Shared helpers of the parity tests: the same net in real Caffe (pycaffe) and the built-in engine."""
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
@@ -13,8 +7,6 @@ from mpicaffe import prototxt
 from mpicaffe.backends.engine.net import Net
 from mpicaffe.proto import caffe_pb2
 from tests.real_caffe import import_pycaffe
-
-os.environ.setdefault("GLOG_minloglevel", "2")
 
 # float32 parity: relative 1e-5 plus an absolute 1e-6 scaled by the reference's magnitude, which
 # allows for float32 sums accumulated in a different order (BLAS/oneDNN vs Caffe's im2col+gemm)

@@ -19,8 +19,8 @@ fillers only, for the same reason.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import h5py
 import numpy as np

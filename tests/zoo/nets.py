@@ -19,7 +19,7 @@ batch statistics (TRAIN) or the stored ones (TEST), as Caffe's default does.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 # weight and bias fillers, as prototxt fragments
 XAVIER = 'type: "xavier"'

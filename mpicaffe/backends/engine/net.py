@@ -38,6 +38,10 @@ class ParamInfo:
     lr_mult: float
     decay_mult: float
     learnable: bool
+    # whether a param spec set lr_mult/decay_mult (Caffe's has_params_lr_/has_params_decay_): if
+    # not, the first layer sharing the blob that sets one gives it
+    lr_mult_given: bool = True
+    decay_mult_given: bool = True
 
 
 class Net:
@@ -64,6 +68,10 @@ class Net:
         self._in_place: list[list[bool]] = []
         self._loss_terms: list[tuple[torch.Tensor, float]] = []
         self._params: dict[str, list[Blob]] | None = None
+        # with record_edges, forward keeps each layer's (bottom, top) autograd edges (None where no
+        # gradient flows), so the pycaffe API can backpropagate layer by layer (Caffe's BackwardFromTo)
+        self.record_edges = False
+        self.layer_edges: list[tuple[list, list]] = []
         # seconds spent, accumulated until the caller resets them: data layers (waiting for
         # batches), whole forward passes and backward passes of forward_backward
         self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
@@ -101,8 +109,13 @@ class Net:
                 raise self._err(f"layer '{lp.name}': propagate_down must be unspecified or given once per bottom")
             if lp.loss_weight and len(lp.loss_weight) != len(lp.top):
                 raise self._err(f"layer '{lp.name}': loss_weight must be unspecified or given once per top")
+            _check_loss_tops(layer)
             bottoms = [self.blobs[name].tensor for name in lp.bottom]
             layer.setup(bottoms)
+            # Caffe's Net::Init: a param spec with no parameter blob for it
+            if len(layer.param.param) > len(layer.blobs):
+                raise layer.error(f"too many params specified: {len(layer.param.param)} param {{ }} specs for "
+                                  f"{len(layer.blobs)} parameter blob(s); give at most one per blob")
             tops = layer.infer_tops(bottoms)
             if len(tops) != len(lp.top):
                 raise self._err(f"layer '{lp.name}': produced {len(tops)} tops for {len(lp.top)} top names")
@@ -172,7 +185,8 @@ class Net:
                     self._slot_info[(layer.name, j)] = owners[pname][0]
                     continue
                 info = ParamInfo(layer.name, j, pname, tuple(t.shape), 0, t.numel(), spec.lr_mult,
-                                 spec.decay_mult, layer.blob_learnable[j])
+                                 spec.decay_mult, layer.blob_learnable[j], spec.HasField("lr_mult"),
+                                 spec.HasField("decay_mult"))
                 if pname:
                     owners[pname] = (len(infos), j)
                 self._slot_info[(layer.name, j)] = len(infos)
@@ -223,10 +237,19 @@ class Net:
                 f"layer '{layer.name}': cannot share param '{spec.name}' owned by layer '{owner.layer}': "
                 f"shape {tuple(t.shape)} vs owner's {owner.shape} (share_mode "
                 f"{caffe_pb2.ParamSpec.DimCheckMode.Name(owner_spec_mode)})")
-        if spec.HasField("lr_mult") and spec.lr_mult != owner.lr_mult:
-            raise self._err(f"layer '{layer.name}': shared param '{spec.name}' has mismatched lr_mult")
-        if spec.HasField("decay_mult") and spec.decay_mult != owner.decay_mult:
-            raise self._err(f"layer '{layer.name}': shared param '{spec.name}' has mismatched decay_mult")
+        # Caffe's AppendParam: a sharer's lr_mult (decay_mult) must equal the one an earlier spec of
+        # the blob set; where none did, the sharer's becomes the blob's
+        for field in ("lr_mult", "decay_mult"):
+            if not spec.HasField(field):
+                continue
+            value = getattr(spec, field)
+            if not getattr(owner, f"{field}_given"):
+                setattr(owner, field, value)
+                setattr(owner, f"{field}_given", True)
+            elif value != getattr(owner, field):
+                raise self._err(f"layer '{layer.name}': shared param '{spec.name}' has mismatched {field}: "
+                                f"{value:g} here, {getattr(owner, field):g} for the blob owned by layer "
+                                f"'{owner.layer}'")
 
     # --- pycaffe-style views ---
     @property
@@ -273,6 +296,9 @@ class Net:
     def _forward(self, start: int, end: int) -> float:
         if start == 0:
             self._loss_terms = []
+        record = self.record_edges and torch.is_grad_enabled()
+        if record and len(self.layer_edges) != len(self.layers):
+            self.layer_edges = [([], []) for _ in self.layers]
         loss = 0.0
         grad = torch.is_grad_enabled()
         force = self.param.force_backward and grad
@@ -281,6 +307,7 @@ class Net:
         i = start
         while i <= end:
             layer = self.layers[i]
+            bottoms = []
             if self._holds_inputs[i]:
                 tops = [blobs[n].tensor for n in self._top_names[i]]
                 if force:
@@ -300,13 +327,15 @@ class Net:
                 pd = layer.param.propagate_down
                 if pd:
                     bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
-                if self._scale_after[i] and i < end:
+                if self._scale_after[i] and i < end and not record:
                     # BatchNorm and the Scale after it in one call; the Scale's top is the same
                     # blob, in place, so its loop below does for both
                     tops = layer.forward_scaled(bottoms, self.layers[i + 1])
                     i += 1
                 else:
                     tops = layer.forward(bottoms)
+            if record:
+                self.layer_edges[i] = ([_edge(b) for b in bottoms], [_edge(t) for t in tops])
             for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
                 blob = blobs[name]
                 blob.tensor = t
@@ -330,13 +359,7 @@ class Net:
         """Backpropagate the loss of the last forward, plus (with force_backward, as Caffe only then
         runs layers that feed no loss) any diff set by hand on an output blob that carries no loss
         weight; parameter diffs accumulate into `flat_diff` until cleared."""
-        if self._graph_pending:
-            self._graph_pending = False
-            self._replaying = True
-            try:
-                self._forward(0, len(self.layers) - 1)
-            finally:
-                self._replaying = False
+        self.ensure_graph()
         for name in self.inputs:
             # Caffe's backward overwrites an input's diff; autograd would add to the last one
             self.blobs[name].tensor.grad = None
@@ -350,6 +373,16 @@ class Net:
                 seeds.append(blob._diff)
         if tensors:
             torch.autograd.backward(tensors, seeds)
+
+    def ensure_graph(self) -> None:
+        """Run the last forward again with its autograd graph where it left that out (see forward)."""
+        if self._graph_pending:
+            self._graph_pending = False
+            self._replaying = True
+            try:
+                self._forward(0, len(self.layers) - 1)
+            finally:
+                self._replaying = False
 
     def forward_backward(self) -> float:
         """One forward and backward pass (Caffe's ForwardBackward); returns the loss."""
@@ -453,6 +486,11 @@ class Net:
 _NOT_REPLAYABLE = {"Python", "RNN", "LSTM", "HDF5Output"}
 
 
+def _edge(t: torch.Tensor):
+    """The autograd edge a gradient for `t` flows into, or None where none does."""
+    return torch.autograd.graph.get_gradient_edge(t) if t.requires_grad else None
+
+
 def _keep_grad(t: torch.Tensor, blob: Blob) -> None:
     """Make the gradient that backward computes for non-leaf `t` the diff of `blob`, as it is:
     retain_grad() would copy every gradient, and the net would have to hold `t` (which an
@@ -468,6 +506,23 @@ def _keep_grad(t: torch.Tensor, blob: Blob) -> None:
             b._diff = g.clone() if g._base is not None and g._base.numel() > g.numel() else g
 
     t.register_hook(store)
+
+
+def _check_loss_tops(layer: Layer) -> None:
+    """Caffe's refusal of a loss layer with a second top: LossLayer::LayerSetUp gives a layer
+    without loss_weight one weight, too few for two tops; SoftmaxWithLoss's inner Softmax layer
+    takes the layer's loss_weight list, too many for its one top, whatever is given."""
+    lp = layer.param
+    if not lp.type.endswith("Loss") or len(lp.top) < 2:
+        return
+    if lp.type == "SoftmaxWithLoss":
+        raise layer.error(f"Caffe cannot build a SoftmaxWithLoss layer with {len(lp.top)} tops (its inner Softmax "
+                          "would take the loss_weight of every top); compute the probabilities with a separate "
+                          "Softmax layer and keep one top")
+    if not lp.loss_weight:
+        raise layer.error(f"loss_weight must be given once per top for a loss layer with {len(lp.top)} tops: "
+                          "Caffe gives a loss layer without loss_weight a single weight of 1 (e.g. "
+                          "loss_weight: 1 loss_weight: 0)")
 
 
 def _with_layer_defaults(lp: caffe_pb2.LayerParameter, phase: int) -> caffe_pb2.LayerParameter:

@@ -238,6 +238,7 @@ class Reshape(Layer):
     min_tops = max_tops = 1
 
     def setup(self, bottoms):
+        _check_in_place(self)
         dims = list(self.param.reshape_param.shape.dim)
         if dims.count(-1) > 1:
             raise self.error(f"new shape {dims} contains multiple -1 dims; at most a single (1) value of -1 "
