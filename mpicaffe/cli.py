@@ -181,6 +181,14 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_device_query(args: argparse.Namespace) -> int:
+    from mpicaffe.devices import device_query
+
+    for line in device_query(args.gpu):
+        log.info("%s", line)
+    return 0
+
+
 def _cmd_time(args: argparse.Namespace) -> int:
     from mpicaffe import timing
     from mpicaffe.devices import select_device
@@ -305,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
     _add_state(p)
     p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("device_query", help="show the GPUs' properties (caffe device_query)")
+    p.add_argument("--gpu", help="GPU ids to query: 0, 0,1 or all")
+    p.set_defaults(func=_cmd_device_query)
 
     p = sub.add_parser("time", help="time a net's forward and backward passes per layer (caffe time)")
     p.add_argument("--model", required=True, help="net prototxt")

@@ -39,6 +39,37 @@ def select_device(gpu: str | None, solver: caffe_pb2.SolverParameter | None = No
     return "cpu"
 
 
+def device_query(gpu: str | None) -> list[str]:
+    """`caffe device_query -gpu ID[,ID...|all]`: Caffe's lines describing each device, as far
+    as PyTorch reports them."""
+    if not gpu:
+        raise UserError("Need a device ID to query (--gpu ID, a comma-separated list, or all)")
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
+    count = torch.cuda.device_count()
+    if gpu.strip() == "all":
+        ids = list(range(count))
+    else:
+        try:
+            ids = [int(g) for g in gpu.split(",")]
+        except ValueError:
+            raise UserError(f"--gpu {gpu}: expected 'all' or comma-separated GPU ids") from None
+    lines = []
+    for i in ids:
+        if not 0 <= i < count:
+            raise UserError(f"--gpu {gpu}: there are {count} CUDA devices")
+        p = torch.cuda.get_device_properties(i)
+        lines += ["Querying GPUs " + ",".join(map(str, ids)) if not lines else "",
+                  f"Device id:                     {i}",
+                  f"Major revision number:         {p.major}",
+                  f"Minor revision number:         {p.minor}",
+                  f"Name:                          {p.name}",
+                  f"Total global memory:           {p.total_memory}",
+                  f"Warp size:                     {getattr(p, 'warp_size', 32)}",
+                  f"Number of multiprocessors:     {p.multi_processor_count}"]
+    return [line for line in lines if line]
+
+
 def rank_device(devices: str, rank: int, size: int) -> str:
     """This rank's device from `--devices`: one entry for every rank, or one per rank in rank
     order (`cuda:0,cuda:1,cpu`). Entries are `cpu`, `cuda:N` or `cuda` (cuda:0); CUDA ids are

@@ -182,3 +182,42 @@ def test_test_without_weights_is_refused_as_caffe_refuses_it(capsys):
     # `caffe test` CHECKs "Need model weights to score."; mpicaffe scored random weights
     assert main(["test", "--model", LENET]) == 1
     assert "mpicaffe test: error: Need model weights to score" in capsys.readouterr().err
+
+
+def test_device_query_needs_a_device_and_names_what_is_missing(capsys):
+    assert main(["device_query"]) == 1
+    assert "mpicaffe device_query: error: Need a device ID to query" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():  # this machine: the GPU path is in scripts/gpu_check.sh
+        assert main(["device_query", "-gpu", "all"]) == 1
+        assert "--gpu all: no CUDA device is available to PyTorch" in capsys.readouterr().err
+
+
+def _train_log(tmp_path, capsys, solver: str) -> str:
+    (tmp_path / "net.prototxt").write_text(DUMMY_NET)
+    (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}"\n{solver}'
+                                              f'snapshot_prefix: "{tmp_path / "s"}"\n')
+    assert main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 0
+    return capsys.readouterr().err
+
+
+def test_train_logs_the_solver_as_written_and_caffes_closing_lines(tmp_path, capsys):
+    log = _train_log(tmp_path, capsys, 'base_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 10\ndisplay: 5\nsnapshot: 10\n'
+                                       'test_iter: 2\ntest_interval: 5\n')
+    dump = log.split("Initializing solver from parameters:", 1)[1].split("Solver scaffolding done.")[0]
+    # the file's values, not the ones the trainer runs the solver with (display 0, test_interval
+    # 2147483647, snapshot 0: it displays, tests and snapshots itself)
+    assert "display: 5" in dump and "test_interval: 5" in dump and "snapshot: 10" in dump
+    assert "2147483647" not in dump
+    # Caffe's Solve(): after the last step, a forward pass shows the final loss, then a test
+    lines = [line.split("] ", 1)[1] for line in log.splitlines() if "] " in line]
+    end = lines[lines.index("Optimization Done.") - 4:]
+    assert end[0].startswith("Iteration 10, loss = ")
+    assert end[1] == "Iteration 10, Testing net (#0)"
+
+
+def test_max_iter_0_still_runs_caffes_test(tmp_path, capsys):
+    log = _train_log(tmp_path, capsys, 'base_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 0\ntest_iter: 1\n'
+                                       'test_interval: 5\ntest_initialization: false\n')
+    assert "Iteration 0, Testing net (#0)" in log and "Test net output #0: loss = " in log

@@ -52,7 +52,7 @@ class EngineTraining:
         else:
             device = select_device(cfg.gpu, self.param, comm.local_rank)
         solver_ranks.set_solvers(comm.size, comm.rank)  # caffe.solver_count()/solver_rank() for Python layers
-        solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank)
+        solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank, shown=self.param)
         # the trainer never reads intermediate blob diffs: do not keep them (Caffe's debug_info would)
         solver.net.retain_diffs = bool(self.param.debug_info)
         if comm.size > 1 or cfg.stage_data:

@@ -72,11 +72,13 @@ class Solver:
     history_sets = 1  # history blobs per learnable parameter (Adam and AdaDelta keep two)
 
     def __init__(self, param: caffe_pb2.SolverParameter, solver_path: str | None = None,
-                 device: torch.device | str = "cpu", rank: int = 0):
+                 device: torch.device | str = "cpu", rank: int = 0,
+                 shown: caffe_pb2.SolverParameter | None = None):
         self.param = param
         self.source = solver_path or "<solver>"
         self.device = torch.device(device)
-        log.info("Initializing solver from parameters: \n%s", prototxt.to_text(param).rstrip())
+        # `shown`: the parameters as the user wrote them, where the trainer runs rewritten ones
+        log.info("Initializing solver from parameters: \n%s", prototxt.to_text(shown or param).rstrip())
         self._check_params()
         self._check_snapshot_write_permissions()
         if param.random_seed >= 0:
@@ -553,7 +555,8 @@ SOLVERS: dict[str, type[Solver]] = {cls.type: cls for cls in (
 
 
 def get_solver(param: caffe_pb2.SolverParameter | str, solver_path: str | None = None,
-               device: torch.device | str = "cpu", rank: int = 0) -> Solver:
+               device: torch.device | str = "cpu", rank: int = 0,
+               shown: caffe_pb2.SolverParameter | None = None) -> Solver:
     """The solver of `param.type` (Caffe's SolverRegistry::CreateSolver).
 
     `param` may be a path to a solver prototxt. `rank` is added to random_seed, as Caffe adds the
@@ -570,7 +573,7 @@ def get_solver(param: caffe_pb2.SolverParameter | str, solver_path: str | None =
     if cls is None:
         raise UserError(f"{solver_path or '<solver>'}: Unknown solver type: {param.type} "
                         f"(known types: {', '.join(sorted(SOLVERS))})")
-    return cls(param, solver_path, device, rank)
+    return cls(param, solver_path, device, rank, shown)
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
