@@ -85,6 +85,39 @@ class GlogFileHandler(logging.Handler):
             print(f"mpicaffe: cannot write glog's {self.severity} log file in {self.log_dir}: {e}", file=sys.stderr)
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Console lines that print above a progress bar (tqdm's write clears and redraws it), and
+    onto the bar's stream while one is drawn, so that they never interleave with it."""
+
+    bar = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        bar = _BarAwareHandler.bar
+        if bar is None:
+            super().emit(record)
+            return
+        try:
+            bar.write(self.format(record), file=bar.fp)
+        except Exception:  # noqa: BLE001 (logging's own rule: a log line never raises)
+            self.handleError(record)
+
+
+def progress_bar(stream, total: int, start: int):
+    """A progress bar on `stream` (rate and time left, as tqdm draws them) from iteration `start`
+    of `total`; console log lines print above it until `close_progress_bar`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, file=stream, unit="iter", dynamic_ncols=True, mininterval=0.2,
+               smoothing=0.1, leave=True)
+    _BarAwareHandler.bar = bar
+    return bar
+
+
+def close_progress_bar(bar) -> None:
+    _BarAwareHandler.bar = None
+    bar.close()
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "y", "t")
 
@@ -104,7 +137,7 @@ def setup_logging(verbose: bool = False, stream=None, quiet: bool = False, minlo
             minloglevel = 0
     log_dir = log_dir if log_dir is not None else os.environ.get("GLOG_log_dir", "")
     logtostderr = logtostderr if logtostderr is not None else _env_flag("GLOG_logtostderr")
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _BarAwareHandler(stream or sys.stderr)
     handler.setFormatter(GlogFormatter())
     handlers: list[logging.Handler] = [handler]
     if log_dir and not logtostderr:

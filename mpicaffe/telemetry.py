@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
+
+from mpicaffe import logs, progress
 
 
 class Telemetry:
@@ -28,7 +29,8 @@ class Telemetry:
         self.timeline_iters = timeline_iters
         self.max_iter = max_iter
         self.origin = time.perf_counter()
-        self.progress = rank == 0 and sys.stderr.isatty()
+        self.bar_stream = progress.bar_stream() if rank == 0 else None
+        self.bar = None  # made at the first iteration (it starts where the run resumed)
         self._start = 0.0
         self._before: dict = {}
         self._first_iter: int | None = None
@@ -70,13 +72,11 @@ class Telemetry:
                                   ("allreduce", comm), ("update", update)):
                 self._event(name, t, seconds, it)
                 t += seconds
-        if self.progress:
-            done = it + 1
-            width = 30
-            filled = int(width * done / max(1, self.max_iter))
-            sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {done}/{self.max_iter} "
-                             f"loss {float(loss):.4g}\x1b[K")
-            sys.stderr.flush()
+        if self.bar_stream is not None:
+            if self.bar is None:
+                self.bar = logs.progress_bar(self.bar_stream, self.max_iter, it)
+            self.bar.set_postfix_str(f"loss {float(loss):.4g}", refresh=False)
+            self.bar.update(1)
 
     @contextlib.contextmanager
     def phase(self, name: str, it: int):
@@ -87,8 +87,9 @@ class Telemetry:
             self._event(name, start, time.perf_counter() - start, it)
 
     def close(self) -> None:
-        if self.progress:
-            sys.stderr.write("\n")
+        if self.bar is not None:
+            logs.close_progress_bar(self.bar)
+            self.bar = None
         if self.metrics:
             self.metrics.close()
         if self.timeline_path is not None:
