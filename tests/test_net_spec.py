@@ -13,22 +13,12 @@ from mpicaffe.caffe import coord_map
 from mpicaffe.caffe import layers as L
 from mpicaffe.caffe import params as P
 from mpicaffe.proto import caffe_pb2
+from tests.parity.test_pycaffe_netspec_parity import lenet as parity_lenet
 
 
 def lenet(lmdb: str, batch_size: int) -> caffe_pb2.NetParameter:
-    """LeNet as Caffe's "learning LeNet" tutorial writes it with NetSpec."""
-    n = caffe.NetSpec()
-    n.data, n.label = L.Data(batch_size=batch_size, backend=P.Data.LMDB, source=lmdb,
-                             transform_param={"scale": 1. / 255}, ntop=2)
-    n.conv1 = L.Convolution(n.data, kernel_size=5, num_output=20, weight_filler={"type": "xavier"})
-    n.pool1 = L.Pooling(n.conv1, kernel_size=2, stride=2, pool=P.Pooling.MAX)
-    n.conv2 = L.Convolution(n.pool1, kernel_size=5, num_output=50, weight_filler={"type": "xavier"})
-    n.pool2 = L.Pooling(n.conv2, kernel_size=2, stride=2, pool=P.Pooling.MAX)
-    n.fc1 = L.InnerProduct(n.pool2, num_output=500, weight_filler={"type": "xavier"})
-    n.relu1 = L.ReLU(n.fc1, in_place=True)
-    n.score = L.InnerProduct(n.relu1, num_output=10, weight_filler={"type": "xavier"})
-    n.loss = L.SoftmaxWithLoss(n.score, n.label)
-    return n.to_proto()
+    """LeNet as Caffe's "learning LeNet" tutorial writes it with NetSpec (the parity test's)."""
+    return parity_lenet(caffe, lmdb, batch_size)
 
 
 def test_the_package_exports_pycaffe_net_spec_names():
