@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 ./scripts/install_caffe.sh
 # buildah and debootstrap for tests/deploy, which build the container images (cached by content)
 ./scripts/setup_containers.sh
+# a one-node Slurm for the test of `mpicaffe launch --launcher srun` (tests/fault/test_launch_hosts.py)
+./scripts/setup_slurm.sh
 ruff check mpicaffe tests scripts
 # the architecture contracts in pyproject.toml (no import cycles, mpi4py only in mpicaffe.parallel, ...)
 lint-imports

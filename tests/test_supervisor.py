@@ -1,6 +1,7 @@
-"""`mpicaffe launch` without MPI: the exact mpirun command lines, and the relaunch policy (resume,
-global batch, shrink after repeated failures, hostfile shrink and expand, signals, fault events)
-against a stand-in mpirun: a real process that replays a plan and records its arguments."""
+"""`mpicaffe launch` without MPI: the exact mpirun and srun command lines, -H and hostfiles in
+Open MPI's and MPICH's forms, and the relaunch policy (resume, global batch, shrink after repeated
+failures, hostfile shrink and expand, signals, fault events, configuration errors not retried)
+against a stand-in mpirun or srun: a real process that replays a plan and records its arguments."""
 import json
 import os
 import signal
@@ -11,7 +12,15 @@ import pytest
 
 from mpicaffe import cli, supervisor
 from mpicaffe.errors import UserError
-from mpicaffe.supervisor import LaunchConfig, build_command, launch, read_hostfile_slots
+from mpicaffe.parallel.stall import STALL_EXIT_CODE
+from mpicaffe.supervisor import (
+    LaunchConfig,
+    build_command,
+    check_launcher,
+    launch,
+    parse_host_list,
+    read_hostfile,
+)
 
 STUB = r'''#!PYTHON
 import json, os, signal, sys, time
@@ -20,6 +29,9 @@ calls = os.path.join(here, "calls.jsonl")
 n = sum(1 for _ in open(calls)) if os.path.exists(calls) else 0
 with open(calls, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")
+if "--hostfile" in sys.argv:     # what mpirun would read, while the launch runs
+    with open(os.path.join(here, "hostfiles.jsonl"), "a") as f:
+        f.write(json.dumps(open(sys.argv[sys.argv.index("--hostfile") + 1]).read()) + "\n")
 step = json.load(open(os.path.join(here, "plan.json")))[n]
 assert os.environ.get("MPICAFFE_PROGRESS") == "1"
 start = {"iteration": step["start"], "ranks": int(sys.argv[2]), "global_batch": 192, "resumed_from": step.get("from")}
@@ -27,6 +39,8 @@ print("@mpicaffe start " + json.dumps(start), flush=True)
 for i in range(step["start"] + 1, step["last"] + 1):
     print("@mpicaffe iteration " + json.dumps({"iteration": i}), flush=True)
 print("ordinary output of launch", n, flush=True)
+for line in step.get("lines", []):
+    print(line, flush=True)
 if step.get("wait_usr1"):
     got = []
     signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
@@ -66,7 +80,7 @@ def _events(tmp_path):
 
 
 def test_the_command_is_mpirun_with_the_progress_variable_and_the_training_command():
-    cfg = LaunchConfig(3, list(TRAIN), hostfile="hosts", mpirun_args=["--oversubscribe"], python="/py")
+    cfg = LaunchConfig(3, list(TRAIN), hostfile="hosts", launcher_args=["--oversubscribe"], python="/py")
     assert build_command(cfg, 2, supervisor.train_args_for(TRAIN, True, 192)) == [
         "mpirun", "-np", "2", "--hostfile", "hosts", "-x", "MPICAFFE_PROGRESS", "--oversubscribe", "/py", "-m",
         "mpicaffe", "train", "--solver", "s.prototxt", "--resume", "auto", "--global-batch", "192"]
@@ -81,19 +95,123 @@ def test_launch_arguments_as_typed():
         ["launch", "-np", "3", "--min-np", "2", "--mpirun-args=--oversubscribe --bind-to none", "--",
          "train", "-solver", "S"]))
     cfg = supervisor.config_from_args(args)
-    assert (cfg.np, cfg.min_np, cfg.mpirun_args, cfg.train_args) == (3, 2, ["--oversubscribe", "--bind-to", "none"],
+    assert (cfg.np, cfg.min_np, cfg.launcher_args, cfg.train_args) == (3, 2, ["--oversubscribe", "--bind-to", "none"],
                                                                       ["train", "-solver", "S"])
     with pytest.raises(UserError, match="give the training command after `--`"):
         supervisor.config_from_args(cli.build_parser().parse_args(["launch", "-n", "2"]))
 
 
-def test_hostfile_slots(tmp_path):
+def test_hostfile_slots_in_open_mpis_form_and_mpichs(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("# nodes\nnode1 slots=4\nnode2   # one slot\n\nnode3 slots=2 max_slots=8\n")
-    assert read_hostfile_slots(str(hosts)) == 7
-    hosts.write_text("node1 slots=many\n")
-    with pytest.raises(UserError, match=r"hosts:1: slots must be a whole number"):
-        read_hostfile_slots(str(hosts))
+    assert supervisor.read_hostfile_slots(str(hosts)) == 7
+    assert not read_hostfile(str(hosts)).translated
+    hosts.write_text("# MPICH\nnode1:4\n\nnode2:2  # two\nnode3\n")
+    read = read_hostfile(str(hosts))
+    assert (read.slots, read.lines, read.translated) == (7, ["node1 slots=4", "node2 slots=2", "node3"], True)
+
+
+def test_host_list_as_mpiruns_minus_h():
+    hosts = parse_host_list("node1:4,node2,node3:2")
+    assert (hosts.slots, hosts.lines) == (7, ["node1 slots=4", "node2 slots=1", "node3 slots=2"])
+    args = cli.build_parser().parse_args(["launch", "--np", "2", "-H", "localhost:2", "--", "train", "--solver", "S"])
+    assert supervisor.config_from_args(args).hosts == "localhost:2"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("node1 slots=many\n", r"hosts:1: slots must be a whole number \(got 'many'\)"),
+    ("# c\nnode1:x\n", r"hosts:2: slots must be a whole number \(got 'x'\)"),
+    ("node1 4\n", r"hosts:1: '4' is not one of Open MPI's `key=value`"),
+    ("node1 slots=2 colour=red\n", r"hosts:1: 'colour=red' is not one of Open MPI's"),
+    ("node1 max_slots=x\n", r"hosts:1: max_slots must be a whole number"),
+    ("\nnode1:4 slots=2\n", r"hosts:2: expected `host:N` \(MPICH\) or `host slots=N` \(Open MPI\), got 'node1:4 slots=2'"),
+])
+def test_a_bad_hostfile_line_is_a_one_line_error_naming_the_file_and_line(tmp_path, text, error):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(text)
+    with pytest.raises(UserError, match=error) as e:
+        read_hostfile(str(hosts))
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(hosts))
+
+
+@pytest.mark.parametrize("spec, error", [("node1:x", r"-H node1:x: slots must be a whole number \(got 'x'\)"),
+                                         ("node1,,node2", r"-H node1,,node2: an empty host name")])
+def test_a_bad_host_list_is_a_one_line_error(spec, error):
+    with pytest.raises(UserError, match=error):
+        parse_host_list(spec)
+
+
+def test_minus_h_and_hostfile_go_to_mpirun_and_their_slots_bound_the_ranks(tmp_path):
+    plan = [{"start": 0, "last": 5, "exit": 0}] * 2
+    assert launch(_cfg(tmp_path, plan, min_np=1, hosts="localhost:2")) == 0
+    assert _calls(tmp_path)[0][:4] == ["-np", "2", "-H", "localhost:2"]
+    # an MPICH-form hostfile reaches mpirun in Open MPI's form, in a private file removed afterwards
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1  # MPICH\nlocalhost:1\n")
+    assert launch(_cfg(tmp_path, plan, min_np=1, hostfile=str(hosts))) == 0
+    call = _calls(tmp_path)[1]
+    assert call[:3] == ["-np", "2", "--hostfile"] and call[3] != str(hosts) and not os.path.exists(call[3])
+    [content] = [json.loads(line) for line in (tmp_path / "hostfiles.jsonl").read_text().splitlines()]
+    assert content.splitlines()[1:] == ["localhost slots=1", "localhost slots=1"]
+
+
+def test_srun_command_inside_a_slurm_allocation_and_its_refusal_outside():
+    cfg = LaunchConfig(4, list(TRAIN), launcher="srun", launcher_args=["--mpi=pmix"], python="/py")
+    assert build_command(cfg, 3, supervisor.train_args_for(TRAIN, True, 192)) == [
+        "srun", "--ntasks", "3", "--kill-on-bad-exit=1", "--export=ALL,MPICAFFE_PROGRESS", "--mpi=pmix", "/py", "-m",
+        "mpicaffe", "train", "--solver", "s.prototxt", "--resume", "auto", "--global-batch", "192"]
+    check_launcher(cfg, {"SLURM_JOB_ID": "42"})
+    with pytest.raises(UserError, match=r"^mpicaffe launch --launcher srun: not inside a Slurm allocation "
+                                        r"\(SLURM_JOB_ID is not set\)[^\n]*$"):
+        check_launcher(cfg, {})
+    with pytest.raises(UserError, match="-H and --hostfile are for mpirun"):
+        check_launcher(LaunchConfig(4, list(TRAIN), launcher="srun", hostfile="hosts"), {"SLURM_JOB_ID": "42"})
+    args = cli.build_parser().parse_args(["launch", "--np", "2", "--launcher", "srun", "--launcher-args=--mpi=pmix",
+                                          "--", "train", "--solver", "S"])
+    assert (supervisor.config_from_args(args).launcher, supervisor.config_from_args(args).launcher_args) == \
+        ("srun", ["--mpi=pmix"])
+
+
+def test_srun_reports_of_dead_tasks_are_faults_and_the_job_is_relaunched(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    plan = [{"start": 0, "last": 30, "exit": 137, "lines": ["srun: error: node1: task 1: Killed",
+                                                             "srun: error: node1: tasks 0,2-3: Exited with exit code 1"]},
+            {"start": 20, "last": 40, "exit": 0}]
+    cfg = _cfg(tmp_path, plan, np=4)
+    cfg.launcher, cfg.srun = "srun", cfg.mpirun
+    assert launch(cfg) == 0
+    calls = _calls(tmp_path)
+    assert [c[:2] for c in calls] == [["--ntasks", "4"]] * 2 and calls[1][-2:] == ["--global-batch", "192"]
+    [event] = _events(tmp_path)
+    assert (event["failed_ranks"], event["signals"], event["iterations_lost"]) == ([1, 0, 2, 3], {"1": 9}, 10)
+
+
+def test_a_job_that_never_completes_an_iteration_is_a_configuration_error_not_retried(tmp_path, caplog):
+    plan = [{"start": 0, "last": 0, "exit": 2, "lines": [f"line {i}" for i in range(30)] + ["Error: no such solver"]}]
+    assert launch(_cfg(tmp_path, plan, max_restarts=3)) == 2
+    assert len(_calls(tmp_path)) == 1
+    message = caplog.text
+    assert "Configuration error: the job exited with status 2 before completing an iteration; not relaunching" in message
+    assert "Error: no such solver" in message and "line 29" in message and "line 10" not in message
+    assert not os.path.exists(tmp_path / "events.jsonl")
+
+
+def test_a_relaunch_that_never_completes_an_iteration_ends_the_supervisor_recording_the_fault(tmp_path):
+    plan = [{"start": 0, "last": 30, "exit": 137, "died": [1]}, {"start": 20, "last": 20, "exit": 1},
+            {"start": 20, "last": 40, "exit": 0}]
+    assert launch(_cfg(tmp_path, plan)) == 1
+    assert len(_calls(tmp_path)) == 2
+    [event] = _events(tmp_path)
+    assert (event["failed_ranks"], event["recovered"]) == ([1], False)
+
+
+@pytest.mark.parametrize("step", [{"died": [1], "exit": 137}, {"exit": STALL_EXIT_CODE}],
+                         ids=["a rank killed by a signal", "a stall"])
+def test_faults_before_the_first_iteration_are_still_relaunched(tmp_path, step):
+    plan = [{"start": 0, "last": 0, **step}, {"start": 0, "last": 10, "exit": 0}]
+    assert launch(_cfg(tmp_path, plan)) == 0
+    assert len(_calls(tmp_path)) == 2
+    assert supervisor.STALL_EXIT_CODE == STALL_EXIT_CODE
 
 
 def test_a_failed_job_is_relaunched_with_resume_auto_and_the_fault_is_recorded(tmp_path, capsys):
