@@ -53,6 +53,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from mpicaffe import info
 
@@ -111,11 +122,45 @@ def _apoptosis_config(args: argparse.Namespace):
                            args.prune_samples)
 
 
+GPU_RANKS_ENV = "MPICAFFE_GPU_RANKS"  # set in the ranks `-gpu 0,1` started, so they do not start more
+
+
+def _gpu_ranks(gpu: str | None) -> int:
+    """How many ranks `train -gpu 0,1` (or `all`) run outside mpirun: one per listed GPU, as
+    Caffe's multi-GPU training; 0 when one process trains (one GPU, none, or already ranks)."""
+    from mpicaffe.parallel.comm import launched_by_mpi
+
+    if gpu is None or launched_by_mpi() or os.environ.get(GPU_RANKS_ENV):
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
+    if gpu.strip() == "all":
+        return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0
+    ids = [g for g in gpu.split(",") if g.strip()]
+    return len(ids) if len(ids) > 1 else 0
+
+
+def gpu_ranks_command(ranks: int, argv: list[str]) -> list[str]:
+    """The mpirun command that runs `mpicaffe <argv>` as `ranks` ranks on this node (each takes
+    its local rank's GPU of the -gpu list)."""
+    root = ["--allow-run-as-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    return ["mpirun", "-np", str(ranks), *root, "-x", GPU_RANKS_ENV, sys.executable, "-m", "mpicaffe", *argv]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mpicaffe import trainer
     from mpicaffe.config import TrainConfig
     from mpicaffe.parallel.comm import create_communicator
 
+    ranks = _gpu_ranks(args.gpu)
+    if ranks:  # Caffe's `caffe train -gpu 0,1`: one rank per GPU, through mpirun
+        command = gpu_ranks_command(ranks, args.argv)
+        log.info("-gpu %s: starting %d ranks, one per GPU: %s", args.gpu, ranks, " ".join(command))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(command[0], command, {**os.environ, GPU_RANKS_ENV: "1"})
     # signals count from here to the exit, start-up included (mpicaffe.signals)
     signals.catch()
     signals.reached("start")
@@ -137,9 +182,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         fault_tolerance=args.fault_tolerance, stall_timeout=args.stall_timeout, apoptosis=_apoptosis_config(args),
         resume=args.resume, snapshot_every_minutes=args.snapshot_every_minutes, keep_snapshots=args.keep_snapshots,
         sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect, stage_data=args.stage_data,
+        data_workers=args.data_workers,
         devices=args.devices, balance=args.balance, balance_iters=args.balance_iters,
         on_divergence=args.on_divergence, divergence_lr_factor=args.divergence_lr_factor,
-        divergence_retries=args.divergence_retries)
+        divergence_retries=args.divergence_retries, comm=args.comm, precision=args.precision)
     try:
         stopped = trainer.train(cfg, comm).stopped_early
     except RankError:
@@ -250,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", metavar="LIST",
                    help="built-in engine: each rank's device, one per rank in rank order (cuda:0,cuda:1,cpu) or one "
                         "for all (default: --gpu, or the solver's solver_mode by local rank)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="built-in engine: fp32 (default, Caffe's arithmetic); bf16 or fp16 run forward and backward "
+                        "under autocast, weights, gradients and the update in float32; fp16 with dynamic loss "
+                        "scaling (see docs/engine.md)")
+    p.add_argument("--comm", choices=("mpi", "nccl", "gloo", "auto"), default="mpi",
+                   help="built-in engine: what averages the gradient buckets: mpi (default); nccl or gloo, a "
+                        "torch.distributed process group set up over MPI (nccl: every rank on a CUDA device); auto: "
+                        "nccl when every rank is on a CUDA device with NCCL, else mpi (see docs/gpu.md)")
     p.add_argument("--balance", choices=("none", "auto"), default="none",
                    help="auto (built-in engine): after --balance-iters iterations, give each rank a batch "
                         "proportional to its measured speed, keeping the global batch and the update")
@@ -259,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy each rank's shard of every LMDB (train and test Data layers) into DIR, node-local "
                         "storage such as /dev/shm, before training and read it there; a later run with the same "
                         "data and ranks reuses the copies (with --backend caffe: the shard cache folder)")
+    p.add_argument("--data-workers", type=_non_negative_int, metavar="N",
+                   help="built-in engine: threads that decode and transform each batch of the Data and ImageData "
+                        "layers; the batches are the same for any N (default: the rank's share of the node's cores, "
+                        "cores // ranks on the node; 0: in the prefetch thread)")
     p.add_argument("--fault-tolerance", choices=("none", "ulfm"), default="none",
                    help="ulfm (run under `mpirun --with-ft ulfm`, built-in engine): when a rank dies, the others "
                         "shrink to the survivors, redo the interrupted iteration with the same global batch and "
@@ -431,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return run.main(argv[1:])
     argv = normalize_argv(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         _setup_logging(args)
         return args.func(args)

@@ -36,12 +36,15 @@ class TrainConfig:
     sigint_effect: str = "stop"         # Caffe's --sigint_effect: snapshot, stop or none
     sighup_effect: str = "snapshot"     # Caffe's --sighup_effect
     stage_data: str | None = None       # copy each rank's LMDB shards here first (mpicaffe.data.staging)
+    data_workers: int | None = None     # engine: threads decoding each batch; None: cores // local ranks (layers.base_data)
     devices: str | None = None          # per-rank devices "cuda:0,cpu,..." or one for all (mpicaffe.devices)
+    comm: str = "mpi"                   # what averages the gradients: mpi, nccl, gloo or auto (mpicaffe.parallel.process_group)
     balance: str = "none"               # "auto": per-rank batches by measured speed (mpicaffe.balance)
     balance_iters: int = 10             # iterations measured before balancing
     on_divergence: str = "stop"         # a non-finite loss or weights: "stop", or "rollback" to the last snapshot
     divergence_lr_factor: float = 0.1   # rollback: base_lr is multiplied by this each time
     divergence_retries: int = 3         # rollback: at most this many times, then stop
+    precision: str = "fp32"             # engine: fp32, or bf16/fp16 autocast (mpicaffe.backends.engine.precision)
 
     def shared_options(self) -> dict[str, object]:
         """The options every rank must be given alike (the ranks compare them at start): all but
@@ -58,6 +61,15 @@ class TrainConfig:
             raise UserError(f"--global-batch {self.global_batch} is smaller than the number of ranks ({ranks})")
         if self.devices and self.gpu is not None:
             raise UserError("give --gpu or --devices, not both")
+        if self.comm not in ("mpi", "nccl", "gloo", "auto"):
+            raise UserError(f"--comm {self.comm}: expected mpi, nccl, gloo or auto")
+        if self.comm in ("nccl", "gloo"):
+            if backend == "caffe":
+                raise UserError(f"--comm {self.comm} needs the built-in engine (--backend engine): the Caffe backend "
+                                "averages its gradients with MPI")
+            if self.fault_tolerance == "ulfm":
+                raise UserError(f"--comm {self.comm} cannot be combined with --fault-tolerance ulfm: ULFM recovers MPI "
+                                "communicators, and a torch.distributed process group cannot shrink; use --comm mpi")
         if backend == "caffe":
             if self.devices:
                 raise UserError(f"--devices {self.devices}: the Caffe backend runs Caffe in CPU mode on every rank; "
@@ -65,6 +77,12 @@ class TrainConfig:
             if self.gpu:
                 raise UserError(f"--gpu {self.gpu}: the Caffe backend runs Caffe in CPU mode; use --backend engine "
                                 "to train on GPUs")
+            if self.precision != "fp32":
+                raise UserError(f"--precision {self.precision} needs the built-in engine (--backend engine): the "
+                                "Caffe backend computes in float32")
+            if self.data_workers is not None:
+                raise UserError(f"--data-workers {self.data_workers} needs --backend engine: Caffe's Data layer "
+                                "decodes in its own prefetch thread")
             if self.balance == "auto":
                 raise UserError("--balance auto needs --backend engine: Caffe's Data layer fixes its batch size "
                                 "when the net is built, so a rank's batch cannot change during training")

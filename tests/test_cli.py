@@ -221,3 +221,36 @@ def test_max_iter_0_still_runs_caffes_test(tmp_path, capsys):
     log = _train_log(tmp_path, capsys, 'base_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 0\ntest_iter: 1\n'
                                        'test_interval: 5\ntest_initialization: false\n')
     assert "Iteration 0, Testing net (#0)" in log and "Test net output #0: loss = " in log
+
+
+def test_train_gpu_list_starts_one_rank_per_gpu_through_mpirun(monkeypatch, tmp_path):
+    # Caffe's `caffe train -gpu 0,1`: here no GPU exists, so CUDA's answers are stood in for and
+    # the exec is caught; the ranks' own device choice is mpicaffe.devices.select_device's
+    import torch
+
+    from mpicaffe import cli
+
+    monkeypatch.delenv(cli.GPU_RANKS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    started = []
+    monkeypatch.setattr(os, "execvpe", lambda file, argv, env: started.append(argv) if env[cli.GPU_RANKS_ENV] else None)
+    monkeypatch.setattr(cli.signals, "catch", lambda: (_ for _ in ()).throw(SystemExit(0)))  # stop after the exec
+    for gpu, ranks in (("0,1", 2), ("all", 4)):
+        with pytest.raises(SystemExit):
+            main(["train", "-solver", "s.prototxt", "-gpu", gpu])
+        assert started.pop() == ["mpirun", "-np", str(ranks), *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+                                 "-x", cli.GPU_RANKS_ENV, sys.executable, "-m", "mpicaffe", "train", "--solver",
+                                 "s.prototxt", "--gpu", gpu]
+    with pytest.raises(SystemExit):  # one GPU: one process, as before
+        main(["train", "-solver", "s.prototxt", "-gpu", "1"])
+    assert started == []
+
+
+def test_train_gpu_list_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--solver", "s.prototxt", "--gpu", "0,1"]) == 1
+    assert capsys.readouterr().err == "mpicaffe train: error: --gpu 0,1: no CUDA device is available to PyTorch\n"

@@ -2,7 +2,10 @@
 
 The engine keeps parameters, gradients and solver history in flat buffers, so the start state is
 broadcast with one Bcast per buffer, the checksum hashes one buffer, and gradients are averaged
-in buckets started while backward runs (BucketReducer) or in one allreduce (FusedReducer). Its
+in buckets started while backward runs (BucketReducer) or in one allreduce (FusedReducer). The
+buffers go to mpicaffe.parallel as torch tensors, on whatever device the rank trains on. With
+`--comm nccl|gloo` the gradient buckets go over a torch.distributed process group instead of MPI
+(ProcessGroupReducer; mpicaffe.parallel.process_group). Its
 data layers seek to the rank's shard themselves (`set_shard`) and, on resume, skip what the
 interrupted run had read (`skip_records`); with `--stage-data` they read a node-local copy of
 the shard instead (`read_staged`, mpicaffe.data.staging).
@@ -15,12 +18,15 @@ import numpy as np
 import torch
 
 from mpicaffe.backends.engine import snapshot_io, solver_ranks
+from mpicaffe.backends.engine.layers.base_data import use_data_workers
 from mpicaffe.backends.engine.solver import Solver, get_solver, net_output_values
 from mpicaffe.config import TrainConfig
 from mpicaffe.data import sharding, staging
 from mpicaffe.devices import rank_device, select_device
+from mpicaffe.parallel.buffers import host_array
 from mpicaffe.parallel.comm import Communicator
-from mpicaffe.parallel.reducer import BucketReducer, FusedReducer
+from mpicaffe.parallel.process_group import ProcessGroup, choose_comm, nccl_available
+from mpicaffe.parallel.reducer import BucketReducer, FusedReducer, ProcessGroupReducer
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,7 @@ class EngineTraining:
         self.cfg, self.comm, self.param, self.run_param = cfg, comm, param, run_param
         self.staged: list[staging.StagedShard] = []
         self.solver: Solver = comm.agreed(self._build)
+        self.group = self._open_process_group()
         self._log_staging()
         self._broadcast_state()
         self._skip_read_records()
@@ -52,9 +59,12 @@ class EngineTraining:
         else:
             device = select_device(cfg.gpu, self.param, comm.local_rank)
         solver_ranks.set_solvers(comm.size, comm.rank)  # caffe.solver_count()/solver_rank() for Python layers
-        solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank, shown=self.param)
+        solver = get_solver(self.run_param, cfg.solver, device=device, rank=comm.rank, shown=self.param,
+                            precision=cfg.precision)
+        solver.set_overflow_agreement(lambda found: any(comm.allgather(found)))  # fp16: skip on every rank or none
         # the trainer never reads intermediate blob diffs: do not keep them (Caffe's debug_info would)
         solver.net.retain_diffs = bool(self.param.debug_info)
+        use_data_workers([solver.net, *solver.test_nets], cfg.data_workers, comm.local_size)
         if comm.size > 1 or cfg.stage_data:
             self.staged = _shard_data(solver, comm.rank, comm.size, cfg.stage_data)
         if comm.rank == 0:
@@ -66,6 +76,20 @@ class EngineTraining:
                 log.info("Resuming from %s", cfg.snapshot)
                 solver.restore(cfg.snapshot)
         return solver
+
+    def _open_process_group(self) -> ProcessGroup | None:
+        """Collective: `--comm`'s choice for the gradient buckets, from every rank's device: the
+        torch.distributed process group to use (NCCL or gloo), or None for MPI."""
+        comm = self.comm
+        device = str(self.solver.net.flat_data.device)
+        ranks = comm.allgather((device, nccl_available()))
+        requested = "mpi" if self.cfg.comm == "auto" and self.cfg.fault_tolerance == "ulfm" else self.cfg.comm
+        kind = comm.agreed(lambda: choose_comm(requested, [d for d, _ in ranks], [n for _, n in ranks]))
+        if comm.rank == 0 and self.cfg.comm == "auto":
+            log.info("--comm auto: gradients averaged with %s", kind.upper())
+        if kind == "mpi" or comm.size == 1:
+            return None
+        return ProcessGroup(comm, kind, device, self.cfg.stall_timeout)
 
     def _log_staging(self) -> None:
         """--stage-data: rank 0 logs what every rank copied or reused, and how long it took."""
@@ -85,9 +109,9 @@ class EngineTraining:
         if comm.size == 1:
             return
         with comm.labelled("start-state broadcast"):
-            comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
+            comm.Bcast_tensor(solver.net.flat_data, root=0)
             for h in solver.history:
-                comm.Bcast(h.numpy(), root=0)
+                comm.Bcast_tensor(h, root=0)
             solver.iter, solver.current_step = comm.bcast((solver.iter, solver.current_step), root=0)
 
     def _skip_read_records(self) -> None:
@@ -130,24 +154,29 @@ class EngineTraining:
     def timings(self) -> dict[str, float]:
         return self.solver.net.timings
 
-    def make_reducer(self, weight: float) -> BucketReducer | FusedReducer:
+    def make_reducer(self, weight: float) -> BucketReducer | FusedReducer | ProcessGroupReducer:
         net = self.solver.net
+        # over a process group, --no-overlap is one bucket: reduced after backward
+        bucket_bytes = int(self.cfg.bucket_mb * (1 << 20)) if self.cfg.overlap else 1 << 62
+        if self.group is not None:
+            return ProcessGroupReducer(self.group, net, weight, bucket_bytes, self.run_param.iter_size)
         if self.cfg.overlap:
-            return BucketReducer(self.comm, net, weight, int(self.cfg.bucket_mb * (1 << 20)), self.run_param.iter_size)
-        return FusedReducer(self.comm, [net.flat_diff.detach().numpy()], weight)
+            return BucketReducer(self.comm, net, weight, bucket_bytes, self.run_param.iter_size)
+        return FusedReducer(self.comm, [net.flat_diff], weight)
 
     def parameter_arrays(self) -> list[np.ndarray]:
-        return self._flat_slices(statistics=False)
-
-    def statistics_arrays(self) -> list[np.ndarray]:
-        return self._flat_slices(statistics=True)
-
-    def _flat_slices(self, statistics: bool) -> list[np.ndarray]:
-        """Views of the flat weights buffer: the learned blobs, or the statistics (blobs a layer
-        writes in forward, BatchNorm's), in the net's order."""
+        """The learned blobs, as numpy arrays to read (views on the CPU, one copy from a GPU)."""
         net = self.solver.net
-        flat = net.flat_data.detach().numpy()
-        return [flat[i.offset:i.offset + i.count] for i in net.param_infos if i.learnable == (not statistics)]
+        flat = host_array(net.flat_data)
+        return [flat[i.offset:i.offset + i.count] for i in net.param_infos if i.learnable]
+
+    def statistics_arrays(self) -> list[torch.Tensor]:
+        """Views of the flat weights buffer holding the statistics (blobs a layer writes in
+        forward, BatchNorm's), in the net's order, as tensors on the net's device (the
+        communicator writes them in place)."""
+        net = self.solver.net
+        flat = net.flat_data.detach()
+        return [flat[i.offset:i.offset + i.count] for i in net.param_infos if not i.learnable]
 
     def output_values(self, net) -> tuple[list[str], np.ndarray, list[float]]:
         return net_output_values(net)
@@ -181,6 +210,9 @@ class EngineTraining:
     def close(self) -> None:
         for net in [self.solver.net, *self.solver.test_nets]:
             net.close()
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
 
 def _shard_data(solver: Solver, rank: int, size: int, stage_dir: str | None = None) -> list[staging.StagedShard]:

@@ -42,9 +42,10 @@ class TrainingBackend(Protocol):
     def parameter_arrays(self) -> list[np.ndarray]:
         """The train net's learned parameters, as numpy arrays (for the checksum)."""
 
-    def statistics_arrays(self) -> list[np.ndarray]:
+    def statistics_arrays(self) -> list:
         """Views of the train net's statistics blobs (BatchNorm's), which each rank accumulates
-        from its own batches in forward, as in Caffe's data-parallel training."""
+        from its own batches in forward, as in Caffe's data-parallel training: numpy arrays, or
+        torch tensors on the net's device (the communicator converts them at its boundary)."""
 
     def finite(self) -> bool:
         """Whether the train net's weights and statistics are all finite (the same on every rank)."""

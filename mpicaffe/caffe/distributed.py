@@ -60,7 +60,7 @@ def attach(solver: Solver) -> None:
             if end - start < layer.batch_size:
                 raise layer.error(f"rank {comm.rank}'s shard holds {end - start} records, fewer than one "
                                   f"batch ({layer.batch_size}); use fewer ranks or a smaller batch")
-    comm.Bcast(solver.net.flat_data.detach().numpy(), root=0)
+    comm.Bcast_tensor(solver.net.flat_data, root=0)
     reducer = BucketReducer(comm, solver.net, 1.0, BUCKET_BYTES, solver.param.iter_size)
     solver.add_callback(reducer.start, reducer.finish)
 

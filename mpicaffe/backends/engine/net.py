@@ -8,6 +8,7 @@ them), sharing trained layers with a test net, and copying weights by layer name
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mpicaffe.backends.engine import precision
 from mpicaffe.backends.engine.blob import Blob
 from mpicaffe.backends.engine.layers import Layer, create_layer
 from mpicaffe.data.mean_file import blobproto_to_array
@@ -75,6 +77,10 @@ class Net:
         # seconds spent, accumulated until the caller resets them: data layers (waiting for
         # batches), whole forward passes and backward passes of forward_backward
         self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+        # mixed precision (set_autocast): the dtype forward autocasts to, and the factor backward
+        # multiplies the loss by (fp16 loss scaling)
+        self.autocast_dtype: torch.dtype | None = None
+        self.loss_scale = 1.0
         self._build()
 
     # --- construction ---
@@ -132,6 +138,7 @@ class Net:
             self.loss_weights.append([lp.loss_weight[i] if lp.loss_weight else layer.default_loss_weight(i)
                                       for i in range(len(lp.top))])
         self._holds_inputs = [getattr(layer, "holds_inputs", False) for layer in self.layers]
+        self._bottom_dtype: list[torch.dtype | None] = [None] * len(self.layers)  # see set_autocast
         self._scale_after = [self._fuses_scale(i) for i in range(len(self.layers))]
         # whether forward may leave out the autograd graph and backward run it again: a TEST net
         # whose layers give the same tops again (none that keep state or write files)
@@ -293,7 +300,25 @@ class Net:
             return loss
         return self._forward(start, end)
 
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        """Run forward under torch.autocast to `dtype` (None: float32, Caffe's arithmetic). The
+        parameters stay float32, as do the net's outputs and the layers precision.bottom_dtype
+        runs in float32."""
+        self.autocast_dtype = dtype
+        self._bottom_dtype = [precision.bottom_dtype(layer.type, dtype) for layer in self.layers]
+
     def _forward(self, start: int, end: int) -> float:
+        if self.autocast_dtype is None:
+            return self._forward_layers(start, end)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            loss = self._forward_layers(start, end)
+        for name in self.outputs:
+            blob = self.blobs[name]
+            if blob.tensor.dtype == self.autocast_dtype:
+                blob.tensor = blob.tensor.float()
+        return loss
+
+    def _forward_layers(self, start: int, end: int) -> float:
         if start == 0:
             self._loss_terms = []
         record = self.record_edges and torch.is_grad_enabled()
@@ -327,13 +352,17 @@ class Net:
                 pd = layer.param.propagate_down
                 if pd:
                     bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
-                if self._scale_after[i] and i < end and not record:
-                    # BatchNorm and the Scale after it in one call; the Scale's top is the same
-                    # blob, in place, so its loop below does for both
-                    tops = layer.forward_scaled(bottoms, self.layers[i + 1])
-                    i += 1
-                else:
-                    tops = layer.forward(bottoms)
+                cast = self._bottom_dtype[i]
+                if cast is not None:
+                    bottoms = [b.to(cast) if b.is_floating_point() else b for b in bottoms]
+                with torch.autocast(self.device.type, enabled=False) if cast is torch.float32 else _NO_CONTEXT:
+                    if self._scale_after[i] and i < end and not record:
+                        # BatchNorm and the Scale after it in one call; the Scale's top is the same
+                        # blob, in place, so its loop below does for both
+                        tops = layer.forward_scaled(bottoms, self.layers[i + 1])
+                        i += 1
+                    else:
+                        tops = layer.forward(bottoms)
             if record:
                 self.layer_edges[i] = ([_edge(b) for b in bottoms], [_edge(t) for t in tops])
             for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
@@ -364,13 +393,13 @@ class Net:
             # Caffe's backward overwrites an input's diff; autograd would add to the last one
             self.blobs[name].tensor.grad = None
         tensors = [t for t, _ in self._loss_terms if t.requires_grad]
-        seeds = [torch.full_like(t, w) for t, w in self._loss_terms if t.requires_grad]
+        seeds = [torch.full_like(t, w * self.loss_scale) for t, w in self._loss_terms if t.requires_grad]
         for name in self.outputs if self.param.force_backward else ():
             blob = self.blobs[name]
             seeded = any(blob.tensor is t for t in tensors)
             if not seeded and blob.tensor.requires_grad and blob._diff is not None and blob._diff.any():
                 tensors.append(blob.tensor)
-                seeds.append(blob._diff)
+                seeds.append(blob._diff if self.loss_scale == 1 else blob._diff * self.loss_scale)
         if tensors:
             torch.autograd.backward(tensors, seeds)
 
@@ -481,6 +510,8 @@ class Net:
                 tensor_to_blob_proto(t, lp.blobs.add(), diff)
         return out
 
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 # layers whose forward has effects beyond its tops: state kept between forwards, files written
 _NOT_REPLAYABLE = {"Python", "RNN", "LSTM", "HDF5Output"}

@@ -22,6 +22,7 @@ from mpicaffe import prototxt, upgrade
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.lr_policy import check_lr_policy, learning_rate
 from mpicaffe.backends.engine.net import Net, tensor_to_blob_proto
+from mpicaffe.backends.engine.precision import LossScaler, autocast_dtype
 from mpicaffe.errors import UserError
 from mpicaffe.logs import SmoothedLoss, format_float, output_lines
 from mpicaffe.proto import caffe_pb2
@@ -66,6 +67,8 @@ class Solver:
     Build one with `get_solver`. `param` is a SolverParameter (its nets are read relative to
     `solver_path`, the file it came from); nets are built on `device`. With random_seed >= 0,
     torch's global RNG is seeded with random_seed + rank before the nets are built (fillers).
+    `precision` (fp32, bf16, fp16) is the arithmetic of the nets' forward and backward
+    (mpicaffe.backends.engine.precision); weights, gradients, history and update stay float32.
     """
 
     type = ""
@@ -73,10 +76,15 @@ class Solver:
 
     def __init__(self, param: caffe_pb2.SolverParameter, solver_path: str | None = None,
                  device: torch.device | str = "cpu", rank: int = 0,
-                 shown: caffe_pb2.SolverParameter | None = None):
+                 shown: caffe_pb2.SolverParameter | None = None, precision: str = "fp32"):
         self.param = param
         self.source = solver_path or "<solver>"
         self.device = torch.device(device)
+        self.precision = precision
+        self._autocast = autocast_dtype(precision, self.device)
+        # fp16: the loss scale, and how the ranks agree to skip an overflowing step
+        self.loss_scaler = LossScaler() if precision == "fp16" else None
+        self._agree_overflow: Callable[[bool], bool] | None = None
         # `shown`: the parameters as the user wrote them, where the trainer runs rewritten ones
         log.info("Initializing solver from parameters: \n%s", prototxt.to_text(shown or param).rstrip())
         self._check_params()
@@ -84,6 +92,7 @@ class Solver:
         if param.random_seed >= 0:
             torch.manual_seed(param.random_seed + rank)
         self._init_nets()
+        self._set_precision()
         log.info("Solver scaffolding done.")
         self.iter = 0
         self.current_step = 0
@@ -150,6 +159,17 @@ class Solver:
                 for net in [self.net, *self.test_nets]:
                     snapshot_io.load_weights(net, path)
 
+    def _set_precision(self) -> None:
+        if self._autocast is None:
+            return
+        log.info("Precision %s: forward and backward under autocast to %s; weights, gradients and the update "
+                 "in float32%s", self.precision, self._autocast, ", with dynamic loss scaling"
+                 if self.loss_scaler else "")
+        if self.precision == "fp16" and self.device.type == "cpu":
+            log.info("fp16 on the CPU checks a loss-scaled run; it is no faster than fp32 there (bf16 may be)")
+        for net in [self.net, *self.test_nets]:
+            net.set_autocast(self._autocast)
+
     def _pre_solve(self) -> None:
         """History buffers (zeros) and the per-element lr_mult/decay_mult of the flat buffers."""
         net = self.net
@@ -182,6 +202,12 @@ class Solver:
         `on_gradients_ready` after all iter_size backward passes and before the update."""
         self._callbacks.append((on_start, on_gradients_ready))
 
+    def set_overflow_agreement(self, fn: Callable[[bool], bool] | None) -> None:
+        """fp16: `fn(found)` gets whether this rank's averaged gradient has a non-finite value and
+        returns whether any rank's has, so that every rank skips the same updates (the trainer
+        reduces the flag across ranks). Without it each solver decides alone."""
+        self._agree_overflow = fn
+
     def set_action_function(self, fn: Callable[[], SolverAction | int | None] | None) -> None:
         """Caffe's SetActionFunction: `fn()` is polled after each update and during testing and
         returns SolverAction.STOP, SNAPSHOT or NONE; it should return each request once."""
@@ -210,6 +236,8 @@ class Solver:
                 on_start()
             display = p.display and self.iter % p.display == 0
             loss = _f32(0)
+            if self.loss_scaler is not None:
+                self.net.loss_scale = self.loss_scaler.scale
             for _ in range(p.iter_size):
                 loss += _f32(self.net.forward_backward())
             loss /= _f32(p.iter_size)
@@ -316,7 +344,8 @@ class Solver:
         """Update the train net's weights from its diffs (Caffe's SGDSolver::ApplyUpdate): lr for
         this iter, clip_gradients, iter_size normalization, regularization, the solver's rule, then
         data -= diff, and iter + 1 (2018 Caffe counts updates in ApplyUpdate, so pycaffe's
-        apply_update advances iter too)."""
+        apply_update advances iter too). With fp16 the diffs are first unscaled; where one is not
+        finite the weights and history are left as they are (iter still advances)."""
         p = self.param
         rate, self.current_step = learning_rate(p, self.iter, self.current_step)
         if p.display and self.iter % p.display == 0:
@@ -324,6 +353,9 @@ class Solver:
         net = self.net
         with torch.no_grad():
             g = net.flat_diff
+            if self.loss_scaler is not None and not self._unscale(g):
+                self.iter += 1
+                return
             for off, n in self._frozen:
                 g[off:off + n].zero_()
             self._clip_gradients(g)
@@ -337,6 +369,15 @@ class Solver:
             self._compute_update_value(g, local_rate)
             net.flat_data.sub_(g)
         self.iter += 1
+
+    def _unscale(self, g: torch.Tensor) -> bool:
+        """fp16: unscale the (averaged) diffs; False where the update must be skipped."""
+        scale = self.loss_scaler.scale
+        if self.loss_scaler.unscale_(g, self._agree_overflow):
+            return True
+        log.info("Iteration %d: fp16 gradients overflowed at loss scale %g; update skipped, loss scale now %g",
+                 self.iter, scale, self.loss_scaler.scale)
+        return False
 
     def _clip_gradients(self, g: torch.Tensor) -> None:
         clip = _f32(self.param.clip_gradients)
@@ -429,6 +470,8 @@ class Solver:
         """Continue with rebuilt nets (pruning shrinks them): `history` is given in Caffe's order for
         the new train net (see history_blobs); per-parameter lr_mult/decay_mult are recomputed."""
         self.net, self.test_nets = net, test_nets
+        for n in [net, *test_nets]:
+            n.set_autocast(self._autocast)
         self._pre_solve()
         self.set_history(history, source="<pruned solver state>", exact_shapes=True)
 
@@ -556,11 +599,11 @@ SOLVERS: dict[str, type[Solver]] = {cls.type: cls for cls in (
 
 def get_solver(param: caffe_pb2.SolverParameter | str, solver_path: str | None = None,
                device: torch.device | str = "cpu", rank: int = 0,
-               shown: caffe_pb2.SolverParameter | None = None) -> Solver:
+               shown: caffe_pb2.SolverParameter | None = None, precision: str = "fp32") -> Solver:
     """The solver of `param.type` (Caffe's SolverRegistry::CreateSolver).
 
     `param` may be a path to a solver prototxt. `rank` is added to random_seed, as Caffe adds the
-    solver rank. Raises UserError for an unknown type.
+    solver rank. `precision`: see Solver. Raises UserError for an unknown type.
     """
     if isinstance(param, str):
         solver_path = param
@@ -573,7 +616,7 @@ def get_solver(param: caffe_pb2.SolverParameter | str, solver_path: str | None =
     if cls is None:
         raise UserError(f"{solver_path or '<solver>'}: Unknown solver type: {param.type} "
                         f"(known types: {', '.join(sorted(SOLVERS))})")
-    return cls(param, solver_path, device, rank, shown)
+    return cls(param, solver_path, device, rank, shown, precision)
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

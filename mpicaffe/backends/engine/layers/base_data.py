@@ -1,26 +1,95 @@
-"""What the data layers that read files share (Caffe's base_data_layer): the prefetch thread.
+"""What the data layers that read files share (Caffe's base_data_layer): the prefetch thread and
+the worker threads that decode and transform each batch.
 
-Data and ImageData read and decode in a background thread that keeps up to `data_param.prefetch`
-ready batches (numpy) in a bounded queue, so reading overlaps compute; on a GPU the thread also
-pins them, so the copy to the device runs asynchronously. Call `close()` to stop the thread (it
-is a daemon thread and is also stopped when the layer is collected). Also here: the batch-size
-check and the random streams every reading data layer draws from.
+Data and ImageData read in a background thread that keeps up to `data_param.prefetch` ready
+batches (numpy) in a bounded queue, so reading overlaps compute; on a GPU the thread also pins
+them, so the copy to the device runs asynchronously. The images of each batch are decoded and
+transformed by the layer's BatchWorkers: `data_workers` threads (`mpicaffe train --data-workers`),
+or in the prefetch thread itself when it is 0. Call `close()` to stop the threads (the prefetch
+thread is a daemon thread and is also stopped when the layer is collected). Also here: the
+batch-size check and the random streams every reading data layer draws from.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from mpicaffe.backends.engine.layers.base import Layer
+from mpicaffe.data.transform import DataTransformer
 from mpicaffe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # random streams of make_rng: one per use, so that one does not shift another's draws
 SKIP_STREAM, SHUFFLE_STREAM = 1, 2
+
+# worker threads of a layer that `mpicaffe train` does not configure (pycaffe's Net, test, time)
+DEFAULT_DATA_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# tasks per worker and stage of a batch: fewer hand-offs, yet a short tail when the stage ends
+CHUNKS_PER_WORKER = 4
+
+
+class BatchWorkers:
+    """Decode and transform the images of each batch on `workers` threads (0: in the calling thread).
+
+    Threads rather than processes: Pillow's JPEG decoder and numpy's copies and arithmetic release
+    the GIL, and threads share the decoded images and the output batch without pickling them (on
+    2 cores, 2 workers read JPEG records 1.5x as fast as none; docs/benchmarks.md).
+    The random draws stay in the calling thread, in batch order (DataTransformer.draw_images),
+    so a batch is the same bit for bit whatever the number of workers.
+    """
+
+    def __init__(self, workers: int, name: str):
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name) if workers else None
+
+    def decode(self, decode: Callable, items: Sequence) -> Callable[[], list]:
+        """Start `decode(item)` for every item; returns a function that waits for the results, in
+        order, raising the exception of the first item that failed. With no workers nothing
+        starts: the function decodes in the caller."""
+        if self._pool is None:
+            return lambda: [decode(item) for item in items]
+        futures = [self._pool.submit(_map, decode, chunk) for chunk in self._chunks(list(items))]
+        return lambda: [result for future in futures for result in future.result()]
+
+    def transform(self, transformer: DataTransformer, arrays: list[np.ndarray],
+                  names: Sequence[str]) -> np.ndarray:
+        """transformer.transform_images(arrays, names), its per-image work spread over the workers."""
+        if self._pool is None:
+            return transformer.transform_images(arrays, names)
+        shape, draws = transformer.draw_images([a.shape for a in arrays], names)
+        out = np.empty((len(arrays),) + shape, dtype=np.float32)
+
+        def transform_chunk(indices: list[int]) -> None:
+            for i in indices:
+                transformer.transform_image(arrays[i], draws, i, out[i])
+
+        futures = [self._pool.submit(transform_chunk, chunk) for chunk in self._chunks(list(range(len(arrays))))]
+        for future in futures:
+            future.result()
+        return out
+
+    def _chunks(self, items: list) -> list[list]:
+        size = max(1, -(-len(items) // (self.workers * CHUNKS_PER_WORKER)))
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def close(self) -> None:
+        """Stop the threads, dropping the work not started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _map(function: Callable, items: list) -> list:
+    return [function(item) for item in items]
 
 
 class _Failure:
@@ -100,6 +169,20 @@ class PrefetchingLayer(Layer):
     min_bottoms = max_bottoms = 0
     _prefetcher: Prefetcher | None = None
     _closed = False
+    data_workers = DEFAULT_DATA_WORKERS
+
+    def set_data_workers(self, workers: int) -> None:
+        """Decode and transform each batch on `workers` threads (0: in the prefetch thread).
+        Call before the first forward; the batches are the same for any number."""
+        self._check_not_started("set_data_workers")
+        if workers < 0:
+            raise self.error(f"data workers must be 0 or more, got {workers}")
+        self.data_workers = int(workers)
+
+    def _workers(self) -> Callable[[], BatchWorkers]:
+        """What makes the layer's BatchWorkers in the prefetch thread (holding no reference to the
+        layer, so that a layer dropped without close() is collected and its threads stopped)."""
+        return functools.partial(BatchWorkers, self.data_workers, f"mpicaffe-{self.type}-{self.name}-worker")
 
     def _make_batches(self) -> Callable[[], Iterator]:
         raise NotImplementedError
@@ -167,6 +250,25 @@ def _pinned(make_batches: Callable[[], Iterator]) -> Callable[[], Iterator]:
         finally:
             inner.close()
     return batches
+
+
+def default_data_workers(local_ranks: int) -> int:
+    """`mpicaffe train`'s default --data-workers: the rank's share of the node's cores, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+
+
+def use_data_workers(nets: Sequence, workers: int | None, local_ranks: int) -> int:
+    """Give every prefetching data layer of `nets` `workers` decode threads (None: the rank's share
+    of the node's cores, `default_data_workers`); returns the number given."""
+    if workers is None:
+        workers = default_data_workers(local_ranks)
+    layers = [layer for net in nets for layer in net.layers if isinstance(layer, PrefetchingLayer)]
+    for layer in layers:
+        layer.set_data_workers(workers)
+    if layers:
+        log.info("Data layers decode and transform %s", f"on {workers} worker threads per rank" if workers
+                 else "in their prefetch thread (--data-workers 0)")
+    return workers
 
 
 def thread_error(layer: Layer) -> Callable[[str], UserError]:

@@ -1,9 +1,10 @@
 """Caffe's Data (LMDB) and ImageData layers: records or listed images, read ahead in a thread.
 
-Both read and decode in the prefetch thread of base_data.PrefetchingLayer. The order of records
-and the random draws are deterministic (seeded from torch.initial_seed() and the shard rank). For
-distributed training call `set_shard(rank, size)` before the first forward; call `close()` to
-stop the thread.
+Both read in the prefetch thread of base_data.PrefetchingLayer and decode and transform on its
+BatchWorkers, one batch ahead: the next batch decodes while this one is transformed. The order of
+records and the random draws are deterministic (seeded from torch.initial_seed() and the shard
+rank) and do not depend on the number of workers. For distributed training call
+`set_shard(rank, size)` before the first forward; call `close()` to stop the threads.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import lmdb
 import numpy as np
@@ -22,6 +22,7 @@ from mpicaffe.backends.engine.layers import register
 from mpicaffe.backends.engine.layers.base_data import (
     SHUFFLE_STREAM,
     SKIP_STREAM,
+    BatchWorkers,
     PrefetchingLayer,
     check_batch_size,
     thread_error,
@@ -32,15 +33,6 @@ from mpicaffe.errors import UserError
 from mpicaffe.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
-
-# Threads decoding encoded records and image files of one batch in parallel (Pillow releases the GIL).
-DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-def _decode_all(decode: Callable, items: list, pool: ThreadPoolExecutor | None) -> list[np.ndarray]:
-    if pool is None or len(items) < 2:
-        return [decode(item) for item in items]
-    return list(pool.map(decode, items))
 
 
 # --- Data (LMDB) ---
@@ -60,16 +52,16 @@ def _decode_datum(path: str, transformer: DataTransformer, key: bytes, datum: ca
 
 class _LmdbBatches:
     """Reads batches of records [start, end) of an LMDB in key order, wrapping to `start`
-    (Caffe's DataReader wraps to the first record), decodes and transforms them."""
+    (Caffe's DataReader wraps to the first record); its workers parse, decode and transform them."""
 
     def __init__(self, path: str, start_key: bytes, start: int, end: int, first_key: bytes, first: int,
-                 batch_size: int, transformer: DataTransformer):
+                 batch_size: int, transformer: DataTransformer, make_workers: Callable[[], BatchWorkers]):
         self.path, self.start_key, self.start, self.end = path, start_key, start, end
         self.first_key, self.first = first_key, first
-        self.batch_size, self.transformer = batch_size, transformer
+        self.batch_size, self.transformer, self.make_workers = batch_size, transformer, make_workers
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mpicaffe-decode") if DECODE_THREADS > 1 else None
+        workers = self.make_workers()
         try:
             with lmdb_io.shared_env(self.path) as env, env.begin(buffers=False) as txn:
                 cursor = txn.cursor()
@@ -77,7 +69,9 @@ class _LmdbBatches:
                     raise UserError(f"{self.path}: record {self.first_key!r} is gone; the database "
                                     "changed while it was being read")
                 index = self.first
-                while True:
+
+                def read_batch() -> tuple[list[bytes], Callable[[], list]]:
+                    nonlocal index
                     records = []
                     for _ in range(self.batch_size):
                         records.append(cursor.item())
@@ -85,21 +79,26 @@ class _LmdbBatches:
                         if index >= self.end or not cursor.next():
                             cursor.set_key(self.start_key)
                             index = self.start
-                    yield self._assemble(records, pool)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+                    return [key for key, _ in records], workers.decode(self._decode, records)
 
-    def _assemble(self, records: list, pool: ThreadPoolExecutor | None) -> tuple[np.ndarray, np.ndarray]:
-        keys = [key for key, _ in records]
-        datums = [_parse_record(self.path, record) for record in records]
-        if not datums[0].encoded:
-            pool = None  # raw records decode faster than a hand-off to another thread
-        arrays = _decode_all(lambda i: _decode_datum(self.path, self.transformer, keys[i], datums[i]),
-                             list(range(len(datums))), pool)
+                batch = read_batch()
+                while True:
+                    upcoming = read_batch()  # decodes while this batch is transformed
+                    yield self._assemble(*batch, workers)
+                    batch = upcoming
+        finally:
+            workers.close()
+
+    def _decode(self, record: tuple[bytes, bytes]) -> tuple[np.ndarray, float]:
+        datum = _parse_record(self.path, record)
+        return _decode_datum(self.path, self.transformer, record[0], datum), datum.label
+
+    def _assemble(self, keys: list[bytes], decoded: Callable[[], list],
+                  workers: BatchWorkers) -> tuple[np.ndarray, np.ndarray]:
+        arrays, labels = zip(*decoded())
         names = [f"{self.path}: record {k.decode('utf-8', 'replace')!r}" for k in keys]
-        data = self.transformer.transform_images(arrays, names)
-        return data, np.array([d.label for d in datums], dtype=np.float32)
+        data = workers.transform(self.transformer, list(arrays), names)
+        return data, np.array(labels, dtype=np.float32)
 
 
 @register
@@ -194,7 +193,7 @@ class DataLayer(PrefetchingLayer):
             log.info("layer '%s': rank %d of %d reads records %d..%d of %d in %s (found by %s)", self.name,
                      self.rank, self.shard_size, start, end - 1, self.count, self.db_path, self.seek_method)
         return _LmdbBatches(self.db_path, start_key, start, end, first_key, start + skip, self.batch_size,
-                            self.transformer)
+                            self.transformer, self._workers())
 
 
 # --- ImageData ---
@@ -228,10 +227,10 @@ class _ImageListBatches:
 
     def __init__(self, list_path: str, entries: list, root: str, size: tuple[int, int] | None, color: bool,
                  shuffle: bool, shuffle_rng: np.random.Generator, skip: int, batch_size: int,
-                 transformer: DataTransformer):
+                 transformer: DataTransformer, make_workers: Callable[[], BatchWorkers]):
         self.list_path, self.entries, self.root, self.size, self.color = list_path, entries, root, size, color
         self.shuffle, self.shuffle_rng, self.skip = shuffle, shuffle_rng, skip
-        self.batch_size, self.transformer = batch_size, transformer
+        self.batch_size, self.transformer, self.make_workers = batch_size, transformer, make_workers
 
     def load(self, entry: tuple[str, int, int]) -> np.ndarray:
         name, _, number = entry
@@ -246,24 +245,30 @@ class _ImageListBatches:
         if self.shuffle:
             self.shuffle_rng.shuffle(order)
         pos = self.skip
-        pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mpicaffe-decode") if DECODE_THREADS > 1 else None
+        workers = self.make_workers()
+
+        def read_batch() -> tuple[list, Callable[[], list]]:
+            nonlocal pos
+            batch = []
+            for _ in range(self.batch_size):
+                batch.append(order[pos])
+                pos += 1
+                if pos >= len(order):
+                    pos = 0
+                    if self.shuffle:  # Caffe reshuffles at the end of every epoch
+                        self.shuffle_rng.shuffle(order)
+            return batch, workers.decode(self.load, batch)
+
         try:
+            batch, decoded = read_batch()
             while True:
-                batch = []
-                for _ in range(self.batch_size):
-                    batch.append(order[pos])
-                    pos += 1
-                    if pos >= len(order):
-                        pos = 0
-                        if self.shuffle:  # Caffe reshuffles at the end of every epoch
-                            self.shuffle_rng.shuffle(order)
-                arrays = _decode_all(self.load, batch, pool)
+                upcoming = read_batch()  # decodes while this batch is transformed
                 names = [f"{self.list_path}:{n}: {self.root + name}" for name, _, n in batch]
-                data = self.transformer.transform_images(arrays, names)
+                data = workers.transform(self.transformer, decoded(), names)
                 yield data, np.array([label for _, label, _ in batch], dtype=np.float32)
+                batch, decoded = upcoming
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+            workers.close()
 
 
 @register
@@ -295,7 +300,7 @@ class ImageDataLayer(PrefetchingLayer):
     def _reader(self, entries, rng, skip) -> _ImageListBatches:
         p = self.param.image_data_param
         return _ImageListBatches(self.list_path, entries, p.root_folder, self.size, p.is_color, p.shuffle, rng,
-                                 skip, self.batch_size, self.transformer)
+                                 skip, self.batch_size, self.transformer, self._workers())
 
     def set_shard(self, rank: int, size: int) -> None:
         """Read only the contiguous lines `shard_bounds(lines, rank, size)` of the list (shuffled
