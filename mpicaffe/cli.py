@@ -42,26 +42,22 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (Caffe's -iterations)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer of at least `low` (Caffe's -iterations: 1)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"must be a positive integer (got {value})" if low == 1 else f"must be {low} or more (got {value})")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
