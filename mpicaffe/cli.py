@@ -128,14 +128,10 @@ def _gpu_ranks(gpu: str | None) -> int:
 
     if gpu is None or launched_by_mpi() or os.environ.get(GPU_RANKS_ENV):
         return 0
-    import torch
+    from mpicaffe.devices import gpu_ids
 
-    if not torch.cuda.is_available():
-        raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
-    if gpu.strip() == "all":
-        return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0
-    ids = [g for g in gpu.split(",") if g.strip()]
-    return len(ids) if len(ids) > 1 else 0
+    ranks = len(gpu_ids(gpu))
+    return ranks if ranks > 1 else 0
 
 
 def gpu_ranks_command(ranks: int, argv: list[str]) -> list[str]:

@@ -11,6 +11,22 @@ from mpicaffe.proto import caffe_pb2
 log = logging.getLogger(__name__)
 
 
+def gpu_ids(gpu: str) -> list[int]:
+    """The CUDA device ids Caffe's `-gpu` names: `all`, or a comma-separated list of ids."""
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
+    count = torch.cuda.device_count()
+    if gpu.strip() == "all":
+        return list(range(count))
+    try:
+        ids = [int(g) for g in gpu.split(",")]
+    except ValueError:
+        raise UserError(f"--gpu {gpu}: expected 'all' or comma-separated GPU ids") from None
+    if not all(0 <= i < count for i in ids):
+        raise UserError(f"--gpu {gpu}: there are {count} CUDA devices")
+    return ids
+
+
 def select_device(gpu: str | None, solver: caffe_pb2.SolverParameter | None = None, local_rank: int = 0) -> str:
     """The device for this process.
 
@@ -19,19 +35,8 @@ def select_device(gpu: str | None, solver: caffe_pb2.SolverParameter | None = No
     CUDA is available, and falls back to the CPU with a note.
     """
     if gpu is not None:
-        if not torch.cuda.is_available():
-            raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
-        count = torch.cuda.device_count()
-        if gpu.strip() == "all":
-            return f"cuda:{local_rank % count}"
-        try:
-            ids = [int(g) for g in gpu.split(",")]
-        except ValueError:
-            raise UserError(f"--gpu {gpu}: expected 'all' or comma-separated GPU ids") from None
-        index = ids[local_rank % len(ids)]
-        if not 0 <= index < count:
-            raise UserError(f"--gpu {gpu}: there are {count} CUDA devices")
-        return f"cuda:{index}"
+        ids = gpu_ids(gpu)
+        return f"cuda:{ids[local_rank % len(ids)]}"
     if solver is not None and solver.solver_mode == caffe_pb2.SolverParameter.GPU:
         if torch.cuda.is_available():
             return f"cuda:{(solver.device_id + local_rank) % torch.cuda.device_count()}"
@@ -44,30 +49,18 @@ def device_query(gpu: str | None) -> list[str]:
     as PyTorch reports them."""
     if not gpu:
         raise UserError("Need a device ID to query (--gpu ID, a comma-separated list, or all)")
-    if not torch.cuda.is_available():
-        raise UserError(f"--gpu {gpu}: no CUDA device is available to PyTorch")
-    count = torch.cuda.device_count()
-    if gpu.strip() == "all":
-        ids = list(range(count))
-    else:
-        try:
-            ids = [int(g) for g in gpu.split(",")]
-        except ValueError:
-            raise UserError(f"--gpu {gpu}: expected 'all' or comma-separated GPU ids") from None
-    lines = []
+    ids = gpu_ids(gpu)
+    lines = ["Querying GPUs " + ",".join(map(str, ids))]
     for i in ids:
-        if not 0 <= i < count:
-            raise UserError(f"--gpu {gpu}: there are {count} CUDA devices")
         p = torch.cuda.get_device_properties(i)
-        lines += ["Querying GPUs " + ",".join(map(str, ids)) if not lines else "",
-                  f"Device id:                     {i}",
+        lines += [f"Device id:                     {i}",
                   f"Major revision number:         {p.major}",
                   f"Minor revision number:         {p.minor}",
                   f"Name:                          {p.name}",
                   f"Total global memory:           {p.total_memory}",
                   f"Warp size:                     {getattr(p, 'warp_size', 32)}",
                   f"Number of multiprocessors:     {p.multi_processor_count}"]
-    return [line for line in lines if line]
+    return lines
 
 
 def rank_device(devices: str, rank: int, size: int) -> str:
