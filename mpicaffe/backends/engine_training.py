@@ -66,7 +66,7 @@ class EngineTraining:
         solver.net.retain_diffs = bool(self.param.debug_info)
         use_data_workers([solver.net, *solver.test_nets], cfg.data_workers, comm.local_size)
         if comm.size > 1 or cfg.stage_data:
-            self.staged = _shard_data(solver, comm.rank, comm.size, cfg.stage_data)
+            self.staged = shard_data(solver, comm.rank, comm.size, cfg.stage_data)
         if comm.rank == 0:
             if cfg.weights:
                 for path in (w.strip() for w in cfg.weights.split(",")):
@@ -138,7 +138,7 @@ class EngineTraining:
         for layer in solver.net.layers:
             if hasattr(layer, "set_shard"):
                 layer.batch_size = local_batch
-        self.staged = _shard_data(solver, comm.rank, comm.size, self.cfg.stage_data)
+        self.staged = shard_data(solver, comm.rank, comm.size, self.cfg.stage_data)
         for net in nets:
             for layer in net.layers:
                 if hasattr(layer, "skip_records"):
@@ -215,12 +215,13 @@ class EngineTraining:
             self.group = None
 
 
-def _shard_data(solver: Solver, rank: int, size: int, stage_dir: str | None = None) -> list[staging.StagedShard]:
-    """Give each rank its contiguous shard of every database; a train shard must hold a batch.
-    With `stage_dir`, each LMDB shard is copied there (or an earlier copy reused) and read from
-    there; returns the staged copies."""
+def shard_data(solver: Solver, rank: int, size: int, stage_dir: str | None = None,
+               test_nets: bool = True) -> list[staging.StagedShard]:
+    """Give each rank its contiguous shard of every database (of the train net's alone without
+    `test_nets`); a train shard must hold a batch. With `stage_dir`, each LMDB shard is copied
+    there (or an earlier copy reused) and read from there; returns the staged copies."""
     staged = []
-    for net in [solver.net, *solver.test_nets]:
+    for net in [solver.net, *solver.test_nets] if test_nets else [solver.net]:
         for layer in net.layers:
             if not hasattr(layer, "set_shard"):
                 continue

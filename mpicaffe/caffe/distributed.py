@@ -19,6 +19,7 @@ import numpy as np
 
 from mpicaffe.backends.engine import solver_ranks
 from mpicaffe.backends.engine.solver import Solver
+from mpicaffe.backends.engine_training import shard_data
 from mpicaffe.parallel.comm import Communicator
 from mpicaffe.parallel.reducer import BucketReducer
 
@@ -53,13 +54,7 @@ def attach(solver: Solver) -> None:
     if comm.rank != 0:  # rank 0 alone writes the solver's periodic and final snapshots
         solver.param.snapshot = 0
         solver.param.snapshot_after_train = False
-    for layer in solver.net.layers:
-        if hasattr(layer, "set_shard"):
-            layer.set_shard(comm.rank, comm.size)
-            start, end = layer.bounds
-            if end - start < layer.batch_size:
-                raise layer.error(f"rank {comm.rank}'s shard holds {end - start} records, fewer than one "
-                                  f"batch ({layer.batch_size}); use fewer ranks or a smaller batch")
+    shard_data(solver, comm.rank, comm.size, test_nets=False)  # each rank scores the whole test set
     comm.Bcast_tensor(solver.net.flat_data, root=0)
     reducer = BucketReducer(comm, solver.net, 1.0, BUCKET_BYTES, solver.param.iter_size)
     solver.add_callback(reducer.start, reducer.finish)
