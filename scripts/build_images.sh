@@ -152,13 +152,21 @@ build() {
   say "building $image from $dockerfile (log: build/images/$(basename "$dockerfile").log)"
   mkdir -p build/images
   # --layers: unchanged steps (system packages, PyTorch, Caffe) come from the cache, so a change
-  # to mpicaffe's source only redoes the last steps.
-  if ! "${NICE[@]}" "${BUILDAH[@]}" bud --isolation chroot --pull=never --layers --force-rm \
+  # to mpicaffe's source only redoes the last steps. A RUN step's buildah re-executes itself from
+  # a sealed in-memory copy of its binary, and the kernel can refuse the seal for a moment (EBUSY);
+  # that step then ran nothing, so the build is tried again from the cached steps (twice at most).
+  local log try
+  log="build/images/$(basename "$dockerfile").log"
+  for try in 1 2 3; do
+    "${NICE[@]}" "${BUILDAH[@]}" bud --isolation chroot --pull=never --layers --force-rm \
       --build-arg "TORCH_REQUIREMENT=$torch" "${extra[@]}" --ignorefile docker/.dockerignore -f "$dockerfile" -t "$image" . \
-      >"build/images/$(basename "$dockerfile").log" 2>&1; then
-    tail -n 40 "build/images/$(basename "$dockerfile").log" >&2
-    die "building $image failed (log: build/images/$(basename "$dockerfile").log)"
-  fi
+      >"$log" 2>&1 && break
+    if ((try == 3)) || ! grep -q "sealing memfd copy" "$log"; then
+      tail -n 40 "$log" >&2
+      die "building $image failed (log: $log)"
+    fi
+    say "buildah could not re-execute itself (sealing memfd copy: a passing kernel refusal); trying again"
+  done
   "${BUILDAH[@]}" tag "$image" "${image%:*}:latest"
   say "built $image in $((SECONDS - started)) s"
   prune_old "$image"

@@ -67,10 +67,20 @@ def _remove_stale_containers() -> None:
             _run(BUILDAH + ["rm", name], 120)
 
 
+# buildah re-executes itself from a sealed in-memory copy of its binary before it runs anything;
+# the kernel can refuse the seal for a moment (EBUSY while a page of the copy is still held
+# elsewhere), and buildah then exits 1 having run nothing, so such a failure is safe to retry.
+REEXEC_FAILED = "sealing memfd copy"
+
+
 def run_in(container: str, script: str, timeout: float) -> subprocess.CompletedProcess:
     """Run a bash script inside the working container, in the image's working directory."""
-    return _run(BUILDAH + ["run", "--isolation", "chroot", container, "--", "bash", "-c", script],
-                timeout, merge=True)
+    argv = BUILDAH + ["run", "--isolation", "chroot", container, "--", "bash", "-c", script]
+    for _ in range(3):
+        result = _run(argv, timeout, merge=True)
+        if result.returncode == 0 or REEXEC_FAILED not in result.stdout.partition("\n")[0]:
+            break
+    return result
 
 
 def _lenet_container(target: str):
