@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from mpicaffe import logs, prototxt
 from mpicaffe.backends.engine import solver as _engine_solver
 from mpicaffe.backends.engine.layers import layer_types
+from mpicaffe.backends.engine.lr_policy import learning_rate
 from mpicaffe.backends.engine.solver_ranks import (
     set_multiprocess,
     set_solver_count,
@@ -133,6 +135,13 @@ class Solver:
     @property
     def param(self) -> caffe_pb2.SolverParameter:
         return self._solver.param
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the current iteration, as Caffe's SGDSolver::GetLearningRate (which
+        also advances a "multistep" policy's step, as reading it does in pycaffe)."""
+        rate, self._solver.current_step = learning_rate(self.param, self.iter, self._solver.current_step)
+        return float(np.float32(rate))
 
     def step(self, iters: int) -> None:
         self._solver.step(iters)

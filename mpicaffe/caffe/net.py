@@ -209,54 +209,21 @@ class Net:
         return {name: self._net.blobs[name].diff for name in names}
 
     def _backward(self, start: int, end: int) -> None:
-        """Backpropagate layer by layer from index `start` down to `end`, as Caffe's BackwardFromTo:
-        each layer reads its tops' diffs as they stand (a loss top's is its loss weight), writes
-        its bottoms' diffs and adds to its parameters' diffs. A blob read by several layers gets
-        the sum of their diffs (Caffe's Split)."""
-        net = self._net
-        net.ensure_graph()
-        if len(net.layer_edges) != len(net.layers):
-            raise UserError("backward needs a forward with gradients first")
-        written: set[tuple[str, int]] = set()  # (blob, the layer that wrote it) diffs set in this pass
-        for i in range(start, end - 1, -1):
-            bottom_edges, top_edges = net.layer_edges[i]
-            outs, seeds = [], []
-            for name, edge, w in zip(net._top_names[i], top_edges, net.loss_weights[i]):
-                if edge is not None:
-                    blob = net.blobs[name]
-                    outs.append(edge)
-                    seeds.append(torch.full_like(blob.tensor, w) if w else blob.diff_tensor)
-            layer = net.layers[i]
-            params = [(j, t) for j, t in enumerate(layer.blobs) if t.requires_grad]
-            bottoms = [(name, e) for name, e in zip(net._bottom_names[i], bottom_edges) if e is not None]
-            inputs = [e for _, e in bottoms] + [t for _, t in params]
-            if not outs or not inputs:
-                continue
-            # the bottoms' producers run later in this pass (or not at all): nothing flows past
-            # them now (the gradient at a bottom is captured before its producer's hooks run)
-            hooks = [e.node.register_prehook(_no_gradient) for _, e in bottoms]
-            try:
-                grads = torch.autograd.grad(outs, inputs, seeds, retain_graph=True, allow_unused=True)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for (name, _), g in zip(bottoms, grads):
-                if g is None:
-                    continue
-                key = (name, self._writer(name, i))
-                blob = net.blobs[name]
-                _set_diff(blob, blob.diff_tensor + g if key in written else g)
-                written.add(key)
-            for (j, _), g in zip(params, grads[len(bottoms):]):
-                if g is not None:
-                    net._param_blob(layer, j).diff_tensor.add_(g)
+        """Backpropagate layer by layer from index `start` down to `end` (Caffe's BackwardFromTo)."""
+        self._net.backward_from_to(start, end)
 
-    def _writer(self, blob: str, before: int) -> int:
-        """Index of the last layer before `before` that wrote `blob` (-1: none)."""
-        for j in range(before - 1, -1, -1):
-            if blob in self._net._top_names[j]:
-                return j
-        return -1
+    # --- callbacks: f(i) around layer i of every forward and backward, as Caffe's NetCallback ---
+    def before_forward(self, f) -> None:
+        self._net.layer_callbacks["before_forward"].append(f)
+
+    def after_forward(self, f) -> None:
+        self._net.layer_callbacks["after_forward"].append(f)
+
+    def before_backward(self, f) -> None:
+        self._net.layer_callbacks["before_backward"].append(f)
+
+    def after_backward(self, f) -> None:
+        self._net.layer_callbacks["after_backward"].append(f)
 
     def _batch(self, blobs: dict):
         """Split {name: array} into the net's batch size, the last batch padded with zeros."""
@@ -351,15 +318,3 @@ class Net:
         if first.type != "MemoryData":
             raise UserError("set_input_arrays needs a MemoryData layer as the net's first layer")
         first.set_input_arrays(data, labels)
-
-
-def _no_gradient(grad_outputs):
-    """A node pre-hook that lets no gradient through the node."""
-    return tuple(None if g is None else torch.zeros_like(g) for g in grad_outputs)
-
-
-def _set_diff(blob: Blob, diff: torch.Tensor) -> None:
-    if blob.grad_tensor is not None:  # an input leaf: its diff is the tensor's .grad
-        blob.grad_tensor.grad = diff
-    else:
-        blob._diff = diff

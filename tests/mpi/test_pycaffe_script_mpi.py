@@ -33,6 +33,13 @@ import caffe
 
 caffe.set_mode_cpu()
 solver = caffe.SGDSolver(sys.argv[1])
+if sys.argv[4:] == ["timing"]:  # BVLC python/train.py's --timing: a timer around each layer
+    fprop = [caffe.Timer() for _ in solver.net.layers]
+    bprop = [caffe.Timer() for _ in solver.net.layers]
+    solver.net.before_forward(lambda layer: fprop[layer].start())
+    solver.net.after_forward(lambda layer: fprop[layer].stop())
+    solver.net.before_backward(lambda layer: bprop[layer].start())
+    solver.net.after_backward(lambda layer: bprop[layer].stop())
 losses = []
 for _ in range(int(sys.argv[3])):
     solver.step(1)
@@ -87,11 +94,13 @@ def _weights(path) -> dict[str, list[np.ndarray]]:
 
 
 def test_a_pycaffe_loop_on_two_ranks_matches_one_process_with_twice_the_batch(setup):
+    # the two ranks also time every layer with Net.before_forward & co., as BVLC's python/train.py
+    # does; backward then runs layer by layer and the gradients are averaged after it
     one = subprocess.run([sys.executable, "-m", "mpicaffe", "python", str(setup / "train.py"),
                           str(setup / "one_solver.prototxt"), str(setup / "one.caffemodel"), str(STEPS)],
                          env=mpi_env(), capture_output=True, text=True, timeout=300, check=True)
     two = run_mpi(2, ["python", "-m", "mpicaffe", "python", str(setup / "train.py"),
-                      str(setup / "ranks_solver.prototxt"), str(setup / "ranks.caffemodel"), str(STEPS)],
+                      str(setup / "ranks_solver.prototxt"), str(setup / "ranks.caffemodel"), str(STEPS), "timing"],
                   timeout=300)
     assert "RANKS 1" in one.stdout and "RANKS 2" in two.output
     got, want = _losses(two.output), _losses(one.stdout)

@@ -266,3 +266,76 @@ def test_net_surgery_fully_connected_to_convolution(tmp_path):
         assert_close(whole[0, :, 2, 1], corner[0], f"{name}: conv output at (2, 1) vs the fc net's")
         results[name] = whole
     assert_close(results["ours"], results["real"], "fully convolutional outputs")
+
+
+def _callback_events(caffe, net) -> dict:
+    """What Net.before_forward & co. see: the layer indices in order, and at after_backward(i)
+    layer i's parameter diffs."""
+    events, diffs = [], []
+    layers = list(net.layers)
+
+    def after_backward(i):
+        events.append(("after_backward", i))
+        diffs.append([b.diff.copy() for b in layers[i].blobs])
+
+    net.before_forward(lambda i: events.append(("before_forward", i)))
+    net.after_forward(lambda i: events.append(("after_forward", i)))
+    net.before_backward(lambda i: events.append(("before_backward", i)))
+    net.after_backward(after_backward)
+    x, y = _inputs()
+    net.forward(data=x, label=y)
+    net.clear_param_diffs()
+    net.backward()
+    net.backward(start="ip2", end="ip1")
+    return {"events": events, "diffs": diffs, "data diff": net.blobs["data"].diff.copy()}
+
+
+def test_layer_callbacks_match_caffe(tmp_path):
+    (real, a), (mine, b) = _nets(tmp_path)
+    ra, ob = _callback_events(real, a), _callback_events(mine, b)
+    assert ob.pop("events") == ra.pop("events")
+    _compare(ra, ob, "callbacks")
+
+
+SOLVER = """net: "{net}"
+base_lr: 0.1
+lr_policy: "multistep"
+stepvalue: 1
+stepvalue: 3
+gamma: 0.5
+momentum: 0.9
+max_iter: 10
+display: 0
+snapshot_after_train: false
+random_seed: 1
+"""
+
+
+def _solver_run(caffe, tmp_path, weights: str) -> dict:
+    """Steps of a solver with layer callbacks on its net, and pycaffe's SGDSolver.lr read before
+    each step (the rate that step's update uses)."""
+    solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    solver.net.copy_from(weights)
+    x, y = _inputs()
+    solver.net.blobs["data"].data[...] = x
+    solver.net.blobs["label"].data[...] = y
+    events, rates = [], []
+    solver.net.before_forward(lambda i: events.append(("before_forward", i)))
+    solver.net.after_backward(lambda i: events.append(("after_backward", i)))
+    for _ in range(4):
+        rates.append((solver.iter, solver.lr))
+        solver.step(1)
+    return {"events": events, "rates": rates, "weights": [p.data.copy() for ps in solver.net.params.values()
+                                                          for p in ps]}
+
+
+def test_solver_lr_and_callbacks_during_step_match_caffe(tmp_path):
+    real = pycaffe()
+    net = write_text(tmp_path / "net.prototxt", NET)
+    write_text(tmp_path / "solver.prototxt", SOLVER.format(net=net))
+    weights = str(tmp_path / "init.caffemodel")
+    real.Net(net, real.TRAIN).save(weights)
+    ra, ob = _solver_run(real, tmp_path, weights), _solver_run(ours, tmp_path, weights)
+    assert ob.pop("events") == ra.pop("events")
+    assert [it for it, _ in ob["rates"]] == [0, 1, 2, 3]
+    _compare(ra, ob, "solver")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,11 @@ class Net:
         # gradient flows), so the pycaffe API can backpropagate layer by layer (Caffe's BackwardFromTo)
         self.record_edges = False
         self.layer_edges: list[tuple[list, list]] = []
+        # pycaffe's Net.before_forward(f) & co.: f(i) is called around layer i of every forward and
+        # backward, as Caffe's ForwardFromTo and BackwardFromTo call them (backward then runs
+        # layer by layer, see backward_from_to)
+        self.layer_callbacks: dict[str, list[Callable[[int], object]]] = {
+            "before_forward": [], "after_forward": [], "before_backward": [], "after_backward": []}
         # seconds spent, accumulated until the caller resets them: data layers (waiting for
         # batches), whole forward passes and backward passes of forward_backward
         self.timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
@@ -329,8 +335,13 @@ class Net:
         force = self.param.force_backward and grad
         keep_diffs = grad and self.retain_diffs
         blobs = self.blobs
+        # a replay (ensure_graph) runs a forward the callbacks have already seen
+        before, after = ((), ()) if self._replaying else (self.layer_callbacks["before_forward"],
+                                                          self.layer_callbacks["after_forward"])
         i = start
         while i <= end:
+            for f in before:
+                f(i)
             layer = self.layers[i]
             bottoms = []
             if self._holds_inputs[i]:
@@ -356,7 +367,7 @@ class Net:
                 if cast is not None:
                     bottoms = [b.to(cast) if b.is_floating_point() else b for b in bottoms]
                 with torch.autocast(self.device.type, enabled=False) if cast is torch.float32 else _NO_CONTEXT:
-                    if self._scale_after[i] and i < end and not record:
+                    if self._scale_after[i] and i < end and not record and not (before or after):
                         # BatchNorm and the Scale after it in one call; the Scale's top is the same
                         # blob, in place, so its loop below does for both
                         tops = layer.forward_scaled(bottoms, self.layers[i + 1])
@@ -381,6 +392,8 @@ class Net:
                 if w:
                     self._loss_terms.append((t, w))
                     loss += w * float(t.detach().sum())
+            for f in after:
+                f(i)
             i += 1
         return loss
 
@@ -388,6 +401,9 @@ class Net:
         """Backpropagate the loss of the last forward, plus (with force_backward, as Caffe only then
         runs layers that feed no loss) any diff set by hand on an output blob that carries no loss
         weight; parameter diffs accumulate into `flat_diff` until cleared."""
+        if self.layer_callbacks["before_backward"] or self.layer_callbacks["after_backward"]:
+            self.backward_from_to(len(self.layers) - 1, 0)
+            return
         self.ensure_graph()
         for name in self.inputs:
             # Caffe's backward overwrites an input's diff; autograd would add to the last one
@@ -402,6 +418,65 @@ class Net:
                 seeds.append(blob._diff if self.loss_scale == 1 else blob._diff * self.loss_scale)
         if tensors:
             torch.autograd.backward(tensors, seeds)
+
+    def backward_from_to(self, start: int, end: int) -> None:
+        """Backpropagate the last forward layer by layer from index `start` down to `end`, as Caffe's
+        BackwardFromTo: each layer reads its tops' diffs as they stand (a loss top's is its loss
+        weight), writes its bottoms' diffs and adds to its parameters' diffs. A blob read by
+        several layers gets the sum of their diffs (Caffe's Split). Needs the autograd edges that
+        a forward with `record_edges` keeps. The parameter diffs are written directly, so a
+        reducer sees them only when backward ends (no overlap)."""
+        self.ensure_graph()
+        if len(self.layer_edges) != len(self.layers):
+            raise UserError("backward needs a forward with gradients first")
+        before, after = self.layer_callbacks["before_backward"], self.layer_callbacks["after_backward"]
+        written: set[tuple[str, int]] = set()  # (blob, the layer that wrote it): diffs set in this pass
+        for i in range(start, end - 1, -1):
+            for f in before:
+                f(i)
+            self._backward_layer(i, written)
+            for f in after:
+                f(i)
+
+    def _backward_layer(self, i: int, written: set[tuple[str, int]]) -> None:
+        bottom_edges, top_edges = self.layer_edges[i]
+        outs, seeds = [], []
+        for name, edge, w in zip(self._top_names[i], top_edges, self.loss_weights[i]):
+            if edge is not None:
+                blob = self.blobs[name]
+                outs.append(edge)
+                seeds.append(torch.full_like(blob.tensor, w * self.loss_scale) if w else blob.diff_tensor)
+        layer = self.layers[i]
+        params = [(j, t) for j, t in enumerate(layer.blobs) if t.requires_grad]
+        bottoms = [(name, e) for name, e in zip(self._bottom_names[i], bottom_edges) if e is not None]
+        inputs = [e for _, e in bottoms] + [t for _, t in params]
+        if not outs or not inputs:
+            return
+        # the bottoms' producers run later in this pass (or not at all): nothing flows past them
+        # now (the gradient at a bottom is captured before its producer's hooks run)
+        hooks = [e.node.register_prehook(_no_gradient) for _, e in bottoms]
+        try:
+            grads = torch.autograd.grad(outs, inputs, seeds, retain_graph=True, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        for (name, _), g in zip(bottoms, grads):
+            if g is None:
+                continue
+            key = (name, self._writer(name, i))
+            blob = self.blobs[name]
+            _set_diff(blob, blob.diff_tensor + g if key in written else g)
+            written.add(key)
+        for (j, _), g in zip(params, grads[len(bottoms):]):
+            if g is not None:
+                self._param_blob(layer, j).diff_tensor.add_(g)
+
+    def _writer(self, blob: str, before: int) -> int:
+        """Index of the last layer before `before` that wrote `blob` (-1: none)."""
+        for j in range(before - 1, -1, -1):
+            if blob in self._top_names[j]:
+                return j
+        return -1
 
     def ensure_graph(self) -> None:
         """Run the last forward again with its autograd graph where it left that out (see forward)."""
@@ -515,6 +590,18 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 # layers whose forward has effects beyond its tops: state kept between forwards, files written
 _NOT_REPLAYABLE = {"Python", "RNN", "LSTM", "HDF5Output"}
+
+
+def _no_gradient(grad_outputs):
+    """A node pre-hook that lets no gradient through the node."""
+    return tuple(None if g is None else torch.zeros_like(g) for g in grad_outputs)
+
+
+def _set_diff(blob: Blob, diff: torch.Tensor) -> None:
+    if blob.grad_tensor is not None:  # an input leaf: its diff is the tensor's .grad
+        blob.grad_tensor.grad = diff
+    else:
+        blob._diff = diff
 
 
 def _edge(t: torch.Tensor):
