@@ -215,7 +215,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
     if not args.weights:  # caffe test's refusal: random weights would be scored
         raise UserError("Need model weights to score (--weights W.caffemodel)")
     score.score(args.model, args.weights, args.iterations, device=select_device(args.gpu),
-                level=args.level, stages=args.stage)
+                level=args.level, stages=args.stage, precision=args.precision)
     return 0
 
 
@@ -232,7 +232,7 @@ def _cmd_time(args: argparse.Namespace) -> int:
     from mpicaffe.devices import select_device
 
     timing.time_net(args.model, args.iterations, phase=args.phase, device=select_device(args.gpu),
-                    weights=args.weights, level=args.level, stages=args.stage)
+                    weights=args.weights, level=args.level, stages=args.stage, precision=args.precision)
     return 0
 
 
@@ -241,6 +241,11 @@ class _Stages(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, [*getattr(namespace, self.dest), *(s for s in values.split(",") if s)])
+
+
+def _add_precision(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help=f"built-in engine: fp32 (default, Caffe's arithmetic); {what} (see docs/engine.md)")
 
 
 def _add_state(p: argparse.ArgumentParser) -> None:
@@ -288,10 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", metavar="LIST",
                    help="built-in engine: each rank's device, one per rank in rank order (cuda:0,cuda:1,cpu) or one "
                         "for all (default: --gpu, or the solver's solver_mode by local rank)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="built-in engine: fp32 (default, Caffe's arithmetic); bf16 or fp16 run forward and backward "
-                        "under autocast, weights, gradients and the update in float32; fp16 with dynamic loss "
-                        "scaling (see docs/engine.md)")
+    _add_precision(p, "bf16 or fp16 run forward and backward under autocast, weights, gradients and the "
+                      "update in float32; fp16 with dynamic loss scaling")
     p.add_argument("--comm", choices=("mpi", "nccl", "gloo", "auto"), default="mpi",
                    help="built-in engine: what averages the gradient buckets: mpi (default); nccl or gloo, a "
                         "torch.distributed process group set up over MPI (nccl: every rank on a CUDA device); auto: "
@@ -361,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="trained .caffemodel(.h5)")
     p.add_argument("--iterations", type=_positive_int, default=50, help="number of batches (default 50)")
     p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
+    _add_precision(p, "bf16 or fp16 run the forward under autocast, as train --precision does")
     _add_state(p)
     p.set_defaults(func=_cmd_test)
 
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int, default=50, help="number of iterations (default 50)")
     p.add_argument("--phase", default="TRAIN", help="TRAIN or TEST (default TRAIN)")
     p.add_argument("--gpu", help="GPU id to use (default: the CPU)")
+    _add_precision(p, "bf16 or fp16 time forward and backward under autocast, as train --precision runs them")
     _add_state(p)
     p.set_defaults(func=_cmd_time)
 

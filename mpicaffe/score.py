@@ -9,6 +9,7 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
+from mpicaffe.backends.engine.precision import autocast_dtype
 from mpicaffe.backends.engine.solver import net_output_values
 from mpicaffe.logs import format_float
 from mpicaffe.proto import caffe_pb2
@@ -17,11 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def score(model: str, weights: str | None, iterations: int, device: str = "cpu", level: int = 0,
-          stages: list[str] | tuple = ()) -> list[tuple[str, float]]:
-    """Run `iterations` TEST-phase forwards; log each batch's outputs, the mean loss and the mean
-    of each output element as `caffe test` does; return [(output name, mean)]."""
+          stages: list[str] | tuple = (), precision: str = "fp32") -> list[tuple[str, float]]:
+    """Run `iterations` TEST-phase forwards in `precision` (fp32, bf16, fp16: autocast, as `train
+    --precision`); log each batch's outputs, the mean loss and the mean of each output element as
+    `caffe test` does; return [(output name, mean)]."""
     param = prototxt.net_for_phase(prototxt.read_net(model), caffe_pb2.TEST, level, tuple(stages), model)
     net = Net(param, device=device, source=model, retain_diffs=False)
+    net.set_autocast(autocast_dtype(precision, net.device))
     if weights:
         snapshot_io.load_weights(net, weights)
     else:

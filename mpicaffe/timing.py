@@ -15,6 +15,7 @@ import torch
 from mpicaffe import prototxt
 from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
+from mpicaffe.backends.engine.precision import autocast_dtype
 from mpicaffe.logs import format_float
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _layer_backward_seconds(layer, bottoms: list[torch.Tensor], device: torch.device) -> float:
-    """Run `layer` on detached copies of its bottoms and time only its backward."""
+def _layer_backward_seconds(net: Net, i: int, bottoms: list[torch.Tensor], device: torch.device) -> float:
+    """Run layer i on detached copies of its bottoms and time only its backward."""
     inputs = [b.detach().requires_grad_(b.requires_grad) if b.is_floating_point() else b.detach()
               for b in bottoms]
-    tops = [t for t in layer.forward(inputs) if t.requires_grad]
+    tops = [t for t in net.run_layer_alone(i, inputs) if t.requires_grad]
     if not tops:
         return 0.0
     grads = [torch.ones_like(t) for t in tops]
@@ -41,11 +42,14 @@ def _layer_backward_seconds(layer, bottoms: list[torch.Tensor], device: torch.de
 
 
 def time_net(model: str, iterations: int = 50, phase: str = "TRAIN", device: str = "cpu",
-             weights: str | None = None, level: int = 0, stages: list[str] | tuple = ()) -> dict:
-    """Time `iterations` forward-backward passes; log Caffe's report and return the figures (ms)."""
+             weights: str | None = None, level: int = 0, stages: list[str] | tuple = (),
+             precision: str = "fp32") -> dict:
+    """Time `iterations` forward-backward passes in `precision` (fp32, bf16, fp16: autocast, as
+    `train --precision`); log Caffe's report and return the figures (ms)."""
     param = prototxt.net_for_phase(prototxt.read_net(model), prototxt.phase_from_name(phase), level,
                                    tuple(stages), model)
     net = Net(param, device=device, source=model, retain_diffs=False)
+    net.set_autocast(autocast_dtype(precision, net.device))
     if weights:
         snapshot_io.load_weights(net, weights)
     dev = net.device
@@ -78,7 +82,7 @@ def time_net(model: str, iterations: int = 50, phase: str = "TRAIN", device: str
                  format_float((time.perf_counter() - iter_start) * 1e3))
         for i, layer in enumerate(net.layers):
             if not getattr(layer, "holds_inputs", False) and net._bottom_names[i]:
-                bwd[i] += _layer_backward_seconds(layer, bottoms_seen[i], dev)
+                bwd[i] += _layer_backward_seconds(net, i, bottoms_seen[i], dev)
     log.info("Average time per layer: ")
     per_layer = {}
     for i, name in enumerate(net.layer_names):

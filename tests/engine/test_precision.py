@@ -223,6 +223,22 @@ def test_digits_net_reaches_fp32_accuracy_in_low_precision(digits, fp32_accuracy
     assert fp32_accuracy >= 0.95 and accuracy >= fp32_accuracy - ACCURACY_MARGIN, (precision, accuracy, fp32_accuracy)
 
 
+def _scored_accuracy(log: str) -> float:
+    return float(re.findall(r"\] accuracy = ([0-9.]+)", log)[-1])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_test_and_time_take_the_precision(digits, fp32_accuracy, precision):
+    # the fp32 run's last snapshot, scored on the 300 test images in each precision
+    model = ["--model", "prototxt/digits/digits_train_val.prototxt", "--iterations", "3"]
+    weights = ["--weights", "examples_out/fp32/digits_iter_600.caffemodel"]
+    fp32 = _scored_accuracy(_cli(["test", *model, *weights], digits))
+    low = _scored_accuracy(_cli(["test", *model, *weights, "--precision", precision], digits))
+    assert fp32 == fp32_accuracy and abs(low - fp32) <= ACCURACY_MARGIN, (precision, low, fp32)
+    log = _cli(["time", *model[:2], "--iterations", "2", "--precision", precision], digits)
+    assert "Average Forward-Backward" in log and re.search(r"conv1\tbackward: [0-9.]+ ms", log)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_two_ranks_train_in_low_precision_and_agree_on_the_weights(digits, precision):
     solver = _solver_file(digits, f"mpi_{precision}", 100)

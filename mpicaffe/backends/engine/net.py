@@ -313,6 +313,17 @@ class Net:
         self.autocast_dtype = dtype
         self._bottom_dtype = [precision.bottom_dtype(layer.type, dtype) for layer in self.layers]
 
+    def run_layer_alone(self, i: int, bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layer i's forward on these bottoms, outside the net, in the arithmetic set_autocast gives
+        it in the net's forward (mpicaffe time's per-layer backward)."""
+        cast = self._bottom_dtype[i]
+        if cast is not None:
+            bottoms = [b.to(cast) if b.is_floating_point() else b for b in bottoms]
+        if self.autocast_dtype is None:
+            return self.layers[i].forward(bottoms)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=cast is not torch.float32):
+            return self.layers[i].forward(bottoms)
+
     def _forward(self, start: int, end: int) -> float:
         if self.autocast_dtype is None:
             return self._forward_layers(start, end)
