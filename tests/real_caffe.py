@@ -29,6 +29,17 @@ def caffe_tool(name: str) -> str:
     return path
 
 
+def caffe_python_script(name: str) -> str:
+    """Path of one of the scripts Caffe installs in <prefix>/python (classify.py, draw_net.py, ...)."""
+    caffe = shutil.which("caffe")
+    if caffe is None:
+        _missing("the caffe binary is not on PATH (run scripts/install_caffe.sh)")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(caffe))), "python", name)
+    if not os.path.isfile(path):
+        _missing(f"Caffe's python/{name} is not installed ({path})")
+    return path
+
+
 def import_pycaffe():
     """Import pycaffe (`caffe`), or skip/fail. Its glog, which reads GLOG_minloglevel when the
     library loads, logs warnings and errors only (unless the environment says otherwise); the
