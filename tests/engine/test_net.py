@@ -187,8 +187,11 @@ def test_build_errors_name_layer_and_blob():
                  'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }')
     with pytest.raises(UserError, match="layer 'bad' has unknown type 'NoSuchLayer'"):
         make_net('layer { name: "bad" type: "NoSuchLayer" }')
-    with pytest.raises(UserError, match="duplicate layer name 'dbl'"):
-        make_net(CHAIN.replace('name: "loss"', 'name: "dbl"'))
+    # a name shared by a layer with parameters (weights are found by name); without, Caffe's
+    # acceptance (tests/parity/test_pycaffe_api_parity.py)
+    with pytest.raises(UserError, match="duplicate layer name 'aff': a layer with parameters"):
+        make_net(CHAIN.replace('name: "dbl"', 'name: "aff"'))
+    assert make_net(CHAIN.replace('name: "loss"', 'name: "dbl"')).layer_names == ["in", "aff", "dbl", "dbl"]
 
 
 def test_to_proto_and_copy_from_round_trip_with_phase_and_checks():

@@ -339,3 +339,17 @@ def test_solver_lr_and_callbacks_during_step_match_caffe(tmp_path):
     assert ob.pop("events") == ra.pop("events")
     assert [it for it, _ in ob["rates"]] == [0, 1, 2, 3]
     _compare(ra, ob, "solver")
+
+
+def test_layers_without_parameters_may_share_a_name_as_in_caffe(tmp_path):
+    # two ReLU layers called "relu" (hand-written nets have them); Caffe builds and runs the net
+    text = NET.replace('name: "tanh" type: "TanH"', 'name: "relu" type: "TanH"')
+    (_, a), (_, b) = _nets(tmp_path, text)
+    assert list(b._layer_names) == list(a._layer_names) and list(a._layer_names).count("relu") == 2
+    x, y = _inputs()
+    for net in (a, b):
+        net.forward(data=x, label=y)
+        net.backward()
+    assert_close(b.blobs["loss"].data, a.blobs["loss"].data, "loss")
+    assert_close(b.blobs["data"].diff, a.blobs["data"].diff, "data diff")
+    assert list(b.top_names.items()) == list(a.top_names.items())

@@ -98,8 +98,6 @@ class Net:
         consumed_after: dict[str, bool] = {}
         for lp in self.param.layer:
             lp = _with_layer_defaults(lp, self.phase)
-            if lp.name in self.layer_names:
-                raise self._err(f"duplicate layer name '{lp.name}'")
             layer = create_layer(lp, self.phase, self.device, self.source)
             for i, name in enumerate(lp.bottom):
                 if name not in self.blobs:
@@ -143,6 +141,7 @@ class Net:
             self._in_place.append(in_place)
             self.loss_weights.append([lp.loss_weight[i] if lp.loss_weight else layer.default_loss_weight(i)
                                       for i in range(len(lp.top))])
+        self._check_names()
         self._holds_inputs = [getattr(layer, "holds_inputs", False) for layer in self.layers]
         self._bottom_dtype: list[torch.dtype | None] = [None] * len(self.layers)  # see set_autocast
         self._scale_after = [self._fuses_scale(i) for i in range(len(self.layers))]
@@ -158,6 +157,19 @@ class Net:
         self.inputs = [n for layer, tops in zip(self.layers, self._top_names)
                        if getattr(layer, "holds_inputs", False) for n in tops]
         self._pack_params()
+
+    def _check_names(self) -> None:
+        """Caffe builds a net whose layers share a name, but it finds weights, and pycaffe's
+        `params`, by name: a name shared by a layer with parameters is refused (Caffe would load
+        weights into the last of them only, and `params` would show one), a shared name of
+        layers without parameters (two layers called "relu") is accepted as Caffe accepts it."""
+        with_params = {layer.name for layer in self.layers if layer.blobs}
+        seen: set[str] = set()
+        for name in self.layer_names:
+            if name in seen and name in with_params:
+                raise self._err(f"duplicate layer name '{name}': a layer with parameters must have a name of "
+                                "its own (weights are found by layer name)")
+            seen.add(name)
 
     def _fuses_scale(self, i: int) -> bool:
         """Whether layer i is a BatchNorm that forward runs together with the Scale layer after it

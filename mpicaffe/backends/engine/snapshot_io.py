@@ -229,7 +229,7 @@ def read_solver_state(path: str) -> SolverStateData:
             learned = None
             if "learned_net" in f:
                 raw = f["learned_net"][()]
-                learned = (raw.decode() if isinstance(raw, bytes) else str(raw)).rstrip("\0")
+                learned = (os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)).rstrip("\0")
             if "history" not in f:
                 raise UserError(f"{path}: Error reading history: no 'history' group")
             g = f["history"]
@@ -242,8 +242,10 @@ def read_solver_state(path: str) -> SolverStateData:
                                    history, exact_shapes=True)
     state = prototxt.read_solver_state(path)
     history = [blob_proto_array(bp) for bp in state.history]
-    return SolverStateData(state.iter, state.current_step,
-                           state.learned_net if state.HasField("learned_net") else None, history)
+    learned = state.learned_net if state.HasField("learned_net") else None
+    if isinstance(learned, bytes):  # protobuf's value for a string that is not UTF-8: a path still, as for Caffe
+        learned = os.fsdecode(learned)
+    return SolverStateData(state.iter, state.current_step, learned, history)
 
 
 def blob_proto_array(bp: caffe_pb2.BlobProto) -> np.ndarray:
@@ -259,7 +261,7 @@ def resolve_learned_net(learned_net: str, state_path: str) -> str:
     beside = os.path.join(os.path.dirname(state_path), os.path.basename(learned_net))
     if os.path.basename(learned_net) and os.path.isfile(beside):
         return beside
-    raise UserError(f"{state_path}: the solver state's learned_net '{learned_net}' was not found (looked in "
+    raise UserError(f"{state_path}: the solver state's learned_net {learned_net!r} was not found (looked in "
                     f"the working directory {os.getcwd()} and next to the state file)")
 
 
