@@ -471,7 +471,8 @@ class Net:
                 seeds.append(torch.full_like(blob.tensor, w * self.loss_scale) if w else blob.diff_tensor)
         layer = self.layers[i]
         params = [(j, t) for j, t in enumerate(layer.blobs) if t.requires_grad]
-        bottoms = [(name, e) for name, e in zip(self._bottom_names[i], bottom_edges) if e is not None]
+        # a blob given twice (Eltwise of x and x) is one input: its gradient is the sum over both
+        bottoms = list({name: e for name, e in zip(self._bottom_names[i], bottom_edges) if e is not None}.items())
         inputs = [e for _, e in bottoms] + [t for _, t in params]
         if not outs or not inputs:
             return
