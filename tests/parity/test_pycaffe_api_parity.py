@@ -370,14 +370,18 @@ layer { name: "conv2" type: "Convolution" bottom: "conv" top: "conv2"
 layer { name: "twice" type: "Eltwise" bottom: "conv2" bottom: "conv2" top: "s" }
 layer { name: "ip" type: "InnerProduct" bottom: "s" top: "ip"
         inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+layer { name: "ipb" type: "InnerProduct" bottom: "conv2" top: "ipb"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "sum" type: "Eltwise" bottom: "ip" bottom: "ipb" top: "out" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "label" top: "loss" }
 """
 
 
 def _layer_by_layer(caffe, net) -> dict:
     """Two training passes with a backward callback (backward then runs layer by layer), then
-    backward(start=, end=) over the whole net: BatchNorm's statistics, and a blob given twice
-    to one layer (Caffe splits it; its diff is the sum over both)."""
+    backward(start=, end=) over the whole net: BatchNorm's statistics, and a blob (conv2, not
+    computed in place) given twice to one layer and once to another (Caffe splits it in three;
+    its diff is the sum)."""
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((4, 3, 8, 8)).astype(np.float32), np.array([0, 2, 1, 1], np.float32)
     net.after_backward(lambda i: None)
@@ -396,6 +400,6 @@ def _layer_by_layer(caffe, net) -> dict:
     return out
 
 
-def test_layer_by_layer_backward_matches_caffe_on_batchnorm_and_a_blob_given_twice(tmp_path):
+def test_layer_by_layer_backward_matches_caffe_on_batchnorm_and_a_blob_read_three_times(tmp_path):
     (real, a), (mine, b) = _nets(tmp_path, BN_NET)
     _compare(_layer_by_layer(real, a), _layer_by_layer(mine, b), "layer by layer")

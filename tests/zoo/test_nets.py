@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mpicaffe import prototxt
@@ -73,3 +74,37 @@ def test_bundled_resnet20_is_what_its_generator_writes_and_has_20_weighted_layer
     shortcuts = [lp for lp in weighted if lp.convolution_param.kernel_size == [1]]
     assert len(weighted) - len(shortcuts) == 20 and len(shortcuts) == 2
     assert sum(lp.type == "BatchNorm" for lp in net.layer) == 21
+
+
+# fan-out into branches (Inception, Fire), Concat chains (DenseNet), Eltwise shortcuts (ResNet),
+# depthwise and linear bottlenecks (MobileNet v2), BatchNorm throughout; 64 px, batch 2, no Dropout
+LAYER_BY_LAYER = ["googlenet", "inception_bn", "resnet50", "densenet121", "mobilenet_v2", "squeezenet1_1"]
+
+
+@pytest.mark.parametrize("name", LAYER_BY_LAYER)
+def test_layer_by_layer_backward_equals_the_whole_net_backward(name: str):
+    # pycaffe's backward callbacks (and backward(start=, end=)) run Caffe's BackwardFromTo layer by
+    # layer; over the whole net it must give the parameter and data diffs of one autograd backward
+    # (which tests/zoo/test_zoo_parity.py checks against Caffe), to float32 rounding: the diffs of a
+    # blob read by several layers are summed in another order (relative 1e-4 of the largest)
+    from mpicaffe import caffe
+
+    text = "force_backward: true\n" + zoo_net(name, 2, 64, train=True, dropout=False)
+    net = caffe.Net._wrap(engine_net(text, caffe_pb2.TRAIN, f"<zoo {name}>"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    y = np.array([3, 7], np.float32)
+
+    def diffs() -> list[np.ndarray]:
+        net.forward(data=x, label=y)
+        net.clear_param_diffs()
+        net.backward()
+        return [net.blobs["data"].diff.copy()] + [p.diff.copy() for ps in net.params.values() for p in ps]
+
+    whole = diffs()
+    calls = []
+    net.after_backward(calls.append)
+    by_layer = diffs()
+    assert calls == list(range(len(net.layers) - 1, -1, -1))
+    for i, (a, b) in enumerate(zip(by_layer, whole)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(float(np.abs(b).max()), 1e-12), err_msg=f"diff {i}")

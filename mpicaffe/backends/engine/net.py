@@ -476,6 +476,10 @@ class Net:
         inputs = [e for _, e in bottoms] + [t for _, t in params]
         if not outs or not inputs:
             return
+        # the diffs this pass already wrote to the bottoms (another reader's), taken now: the
+        # bottom's own diff hook (_keep_grad) fires inside autograd.grad and replaces the diff
+        keys = [(name, self._writer(name, i)) for name, _ in bottoms]
+        earlier = [self.blobs[name].diff_tensor if key in written else None for (name, _), key in zip(bottoms, keys)]
         # the bottoms' producers run later in this pass (or not at all): nothing flows past them
         # now (the gradient at a bottom is captured before its producer's hooks run)
         hooks = [e.node.register_prehook(_no_gradient) for _, e in bottoms]
@@ -484,12 +488,10 @@ class Net:
         finally:
             for h in hooks:
                 h.remove()
-        for (name, _), g in zip(bottoms, grads):
+        for (name, _), key, before, g in zip(bottoms, keys, earlier, grads):
             if g is None:
                 continue
-            key = (name, self._writer(name, i))
-            blob = self.blobs[name]
-            _set_diff(blob, blob.diff_tensor + g if key in written else g)
+            _set_diff(self.blobs[name], g if before is None else before + g)
             written.add(key)
         for (j, _), g in zip(params, grads[len(bottoms):]):
             if g is not None:
