@@ -6,7 +6,10 @@ SCRIPT`) and by mpicaffe (`mpicaffe python SCRIPT`), on local data:
 - "brewing logistic regression" (examples/brewing-logreg): HDF5Data written with h5py, a NetSpec
   logistic regression, then a two-layer net;
 - the PASCAL multilabel example (examples/pascal-multilabel-with-datalayer): a Python data layer
-  (`caffe.Layer`) feeding generated images with multi-hot labels to SigmoidCrossEntropyLoss.
+  (`caffe.Layer`) feeding generated images with multi-hot labels to SigmoidCrossEntropyLoss;
+- DeepDream (google/deepdream's notebook, the best-known pycaffe script): gradient ascent on the
+  input of GoogLeNet with `net.forward(end=...)`, a top's diff set by hand and
+  `net.backward(start=...)`, on a generated image (96 px, random weights, no jitter).
 
 The same script runs both times. Real pycaffe runs first and saves the solver's initial weights;
 mpicaffe's run loads them (`solver.net.copy_from`), so both start from the same point and, with
@@ -241,6 +244,45 @@ def test_brewing_logistic_regression_on_hdf5_data(tmp_path, kind):
     caffe, ours = _run_both(tmp_path, LOGREG, kind)
     _compare(caffe, ours)
     assert ours["score"] > 0.6  # test accuracy after 30 steps (two classes)
+
+
+DEEPDREAM = COMMON + r'''
+def make_step(net, step_size=1.5, end="inception_4c/output"):
+    """The notebook's make_step, without its random jitter: one step of gradient ascent on the
+    L2 norm of `end`'s activations."""
+    src, dst = net.blobs["data"], net.blobs[end]
+    net.forward(end=end)
+    dst.diff[:] = dst.data  # objective_L2
+    net.backward(start=end)
+    g = src.diff[0]
+    src.data[:] += step_size / np.abs(g).mean() * g
+    np.clip(src.data, -120, 135, out=src.data)
+    return float(np.abs(g).mean()), float(0.5 * (dst.data ** 2).sum())
+
+
+model = sys.argv[3]
+if not os.path.exists(init):
+    caffe.Net(model, caffe.TEST).save(init)
+net = caffe.Net(model, init, caffe.TEST)
+rng = np.random.default_rng(0)
+net.blobs["data"].data[...] = rng.uniform(-30, 30, net.blobs["data"].data.shape)
+steps = [make_step(net) for _ in range(int(sys.argv[4]) // 10)]
+print("RESULT " + json.dumps({"losses": [o for _, o in steps], "score": [g for g, _ in steps],
+                              "image": net.blobs["data"].data[0, :, ::8, ::8].ravel().tolist()}))
+'''
+
+
+def test_deepdream_gradient_ascent_on_googlenet(tmp_path):
+    from tests.zoo.nets import zoo_net
+
+    model = tmp_path / "googlenet_deploy.prototxt"
+    # the notebook sets force_backward so that the data blob gets a diff
+    model.write_text("force_backward: true\n" + zoo_net("googlenet", 1, 96))
+    caffe, ours = _run_both(tmp_path, DEEPDREAM, str(model))
+    assert len(ours["losses"]) == STEPS // 10 and ours["losses"][-1] > ours["losses"][0]
+    np.testing.assert_allclose(ours["losses"], caffe["losses"], rtol=1e-3)
+    np.testing.assert_allclose(ours["score"], caffe["score"], rtol=1e-3)
+    np.testing.assert_allclose(ours["image"], caffe["image"], rtol=1e-3, atol=1e-3)
 
 
 def test_multilabel_python_data_layer(tmp_path):
