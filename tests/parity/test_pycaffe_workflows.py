@@ -7,6 +7,8 @@ SCRIPT`) and by mpicaffe (`mpicaffe python SCRIPT`), on local data:
   logistic regression, then a two-layer net;
 - the PASCAL multilabel example (examples/pascal-multilabel-with-datalayer): a Python data layer
   (`caffe.Layer`) feeding generated images with multi-hot labels to SigmoidCrossEntropyLoss;
+- the Siamese network (examples/siamese): two towers sharing every parameter by name (`param {
+  name: "conv1_w" }`), a Slice of pair data, ContrastiveLoss, trained with `solver.step`;
 - DeepDream (google/deepdream's notebook, the best-known pycaffe script): gradient ascent on the
   input of GoogLeNet with `net.forward(end=...)`, a top's diff set by hand and
   `net.backward(start=...)`, on a generated image (96 px, random weights, no jitter).
@@ -246,6 +248,62 @@ def test_brewing_logistic_regression_on_hdf5_data(tmp_path, kind):
     assert ours["score"] > 0.6  # test accuracy after 30 steps (two classes)
 
 
+SIAMESE = COMMON + r'''
+BATCH = 16
+
+
+def tower(n, data, suffix):
+    """The example's LeNet tower, smaller (16x16 inputs); both towers name the same parameters."""
+    def shared(name):
+        return [dict(name=name + "_w", lr_mult=1), dict(name=name + "_b", lr_mult=2)]
+    xavier = dict(type="xavier")
+    conv1 = L.Convolution(data, num_output=8, kernel_size=5, weight_filler=xavier, param=shared("conv1"))
+    pool1 = L.Pooling(conv1, pool=P.Pooling.MAX, kernel_size=2, stride=2)
+    conv2 = L.Convolution(pool1, num_output=16, kernel_size=3, weight_filler=xavier, param=shared("conv2"))
+    pool2 = L.Pooling(conv2, pool=P.Pooling.MAX, kernel_size=2, stride=2)
+    ip1 = L.InnerProduct(pool2, num_output=64, weight_filler=xavier, param=shared("ip1"))
+    relu1 = L.ReLU(ip1, in_place=True)
+    ip2 = L.InnerProduct(relu1, num_output=10, weight_filler=xavier, param=shared("ip2"))
+    feat = L.InnerProduct(ip2, num_output=2, weight_filler=xavier, param=shared("feat"))
+    for name, top in (("conv1", conv1), ("pool1", pool1), ("conv2", conv2), ("pool2", pool2), ("ip1", ip1),
+                      ("ip2", ip2), ("feat", feat)):
+        setattr(n, name + suffix, top)
+    return feat
+
+
+n = caffe.NetSpec()
+n.pair_data = L.Input(shape=dict(dim=[BATCH, 2, 16, 16]))
+n.sim = L.Input(shape=dict(dim=[BATCH]))
+n.data, n.data_p = L.Slice(n.pair_data, slice_param=dict(slice_dim=1, slice_point=[1]), ntop=2)
+n.loss = L.ContrastiveLoss(tower(n, n.data, ""), tower(n, n.data_p, "_p"), n.sim,
+                           contrastive_loss_param=dict(margin=1))
+write(f"{out}/siamese.prototxt", n)
+with open(f"{out}/solver.prototxt", "w") as f:
+    f.write(f'train_net: "{out}/siamese.prototxt"\nbase_lr: 0.01\nmomentum: 0.9\nlr_policy: "inv"\n'
+            f'gamma: 0.0001\npower: 0.75\nmax_iter: 1000\nsnapshot_prefix: "{out}/snap"\n')
+solver = caffe.SGDSolver(f"{out}/solver.prototxt")
+if os.path.exists(init):
+    solver.net.copy_from(init)
+else:
+    solver.net.save(init)
+# pairs of noisy copies of 4 prototypes: similar when both come from the same one
+rng = np.random.default_rng(0)
+prototypes = rng.uniform(0, 1, (4, 16, 16))
+losses = []
+for _ in range(int(sys.argv[4])):
+    a, b = rng.integers(0, 4, BATCH), rng.integers(0, 4, BATCH)
+    b[::2] = a[::2]
+    pairs = np.stack([prototypes[a], prototypes[b]], axis=1) + rng.normal(0, 0.1, (BATCH, 2, 16, 16))
+    solver.net.blobs["pair_data"].data[...] = pairs
+    solver.net.blobs["sim"].data[...] = (a == b)
+    solver.step(1)
+    losses.append(float(solver.net.blobs["loss"].data))
+params = solver.net.params
+assert all(np.array_equal(params[k][j].data, params[k + "_p"][j].data) for k in ("conv1", "ip1", "feat") for j in (0, 1))
+print("RESULT " + json.dumps({"losses": losses, "score": [float(np.abs(p.data).sum()) for k in params
+                                                          for p in params[k]]}))
+'''
+
 DEEPDREAM = COMMON + r'''
 def make_step(net, step_size=1.5, end="inception_4c/output"):
     """The notebook's make_step, without its random jitter: one step of gradient ascent on the
@@ -270,6 +328,12 @@ steps = [make_step(net) for _ in range(int(sys.argv[4]) // 10)]
 print("RESULT " + json.dumps({"losses": [o for _, o in steps], "score": [g for g, _ in steps],
                               "image": net.blobs["data"].data[0, :, ::8, ::8].ravel().tolist()}))
 '''
+
+
+def test_siamese_network_with_shared_parameters(tmp_path):
+    caffe, ours = _run_both(tmp_path, SIAMESE, "-")
+    _compare(caffe, ours)
+    assert np.mean(ours["losses"][-10:]) < np.mean(ours["losses"][:10])
 
 
 def test_deepdream_gradient_ascent_on_googlenet(tmp_path):
