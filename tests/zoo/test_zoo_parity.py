@@ -74,6 +74,7 @@ TOLERANCE: dict[str, float] = {
     "squeezenet1_0": 2e-5, "squeezenet1_1": 2e-5, "preact_resnet18": 5e-5,
     "densenet121": 5e-4, "mobilenet_v1": 5e-4, "mobilenet_v2": 5e-4, "inception_bn": 1e-3,
     "resnet50": 1e-3, "resnet101": 5e-3, "resnet152": 2e-2,
+    "fcn8s": 2e-5,  # tests/zoo/test_fcn.py
 }
 
 # small runs: (size, batch) per architecture; BatchNorm nets at 128 so that their last stage
