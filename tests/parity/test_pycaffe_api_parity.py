@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mpicaffe import caffe as ours
+from mpicaffe.errors import UserError
 from tests.parity.common import assert_close, pycaffe, write_text
 
 NET = """
@@ -403,3 +404,32 @@ def _layer_by_layer(caffe, net) -> dict:
 def test_layer_by_layer_backward_matches_caffe_on_batchnorm_and_a_blob_read_three_times(tmp_path):
     (real, a), (mine, b) = _nets(tmp_path, BN_NET)
     _compare(_layer_by_layer(real, a), _layer_by_layer(mine, b), "layer by layer")
+
+
+def _forward_from_a_layer(caffe, net) -> dict:
+    """forward(), a weight changed, forward(start='ip1') and backward(): layers before ip1 keep
+    their data (Caffe does not run them again), the loss is the new one; then, after that
+    backward, once more from ip1, backpropagated down to ip1 only."""
+    x, y = _inputs()
+    net.forward(data=x, label=y)
+    net.params["ip1"][0].data[...] *= 1.1
+    out = {"loss": float(net.forward(start="ip1")["loss"])}
+    net.clear_param_diffs()
+    net.backward()
+    out["whole"] = [p.diff.copy() for ps in net.params.values() for p in ps] + [net.blobs["data"].diff.copy()]
+    net.params["ip2"][0].data[...] *= 0.9
+    net.forward(start="ip1")
+    net.clear_param_diffs()
+    out["down to ip1"] = net.backward(end="ip1")["pool"].copy()
+    out["down to ip1 params"] = [p.diff.copy() for n in ("ip1", "ip2") for p in net.params[n]]
+    return out
+
+
+def test_backward_after_a_forward_from_a_later_layer_matches_caffe(tmp_path):
+    (real, a), (mine, b) = _nets(tmp_path)
+    _compare(_forward_from_a_layer(real, a), _forward_from_a_layer(mine, b), "forward(start=)")
+    # a whole backward there needs the graph of the layers before ip1, which the last backward
+    # freed: a clear error (Caffe would backpropagate the layers' stored data)
+    b.forward(start="ip1")
+    with pytest.raises(UserError, match="stop the backward where that forward started"):
+        b.backward()

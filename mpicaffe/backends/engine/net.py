@@ -69,7 +69,9 @@ class Net:
         self._bottom_names: list[list[str]] = []
         self._top_names: list[list[str]] = []
         self._in_place: list[list[bool]] = []
-        self._loss_terms: list[tuple[torch.Tensor, float]] = []
+        # (layer index, top index) -> (loss top, weight) of the forwards since the last full one:
+        # a forward from a later layer replaces the terms of the layers it runs again
+        self._loss_terms: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
         self._params: dict[str, list[Blob]] | None = None
         # with record_edges, forward keeps each layer's (bottom, top) autograd edges (None where no
         # gradient flows), so the pycaffe API can backpropagate layer by layer (Caffe's BackwardFromTo)
@@ -349,7 +351,7 @@ class Net:
 
     def _forward_layers(self, start: int, end: int) -> float:
         if start == 0:
-            self._loss_terms = []
+            self._loss_terms = {}
         record = self.record_edges and torch.is_grad_enabled()
         if record and len(self.layer_edges) != len(self.layers):
             self.layer_edges = [([], []) for _ in self.layers]
@@ -399,7 +401,7 @@ class Net:
                         tops = layer.forward(bottoms)
             if record:
                 self.layer_edges[i] = ([_edge(b) for b in bottoms], [_edge(t) for t in tops])
-            for name, t, ip, w in zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i]):
+            for k, (name, t, ip, w) in enumerate(zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i])):
                 blob = blobs[name]
                 blob.tensor = t
                 if not ip:
@@ -413,7 +415,7 @@ class Net:
                             blob._diff = None
                         _keep_grad(t, blob)
                 if w:
-                    self._loss_terms.append((t, w))
+                    self._loss_terms[(i, k)] = (t, w)
                     loss += w * float(t.detach().sum())
             for f in after:
                 f(i)
@@ -431,8 +433,9 @@ class Net:
         for name in self.inputs:
             # Caffe's backward overwrites an input's diff; autograd would add to the last one
             self.blobs[name].tensor.grad = None
-        tensors = [t for t, _ in self._loss_terms if t.requires_grad]
-        seeds = [torch.full_like(t, w * self.loss_scale) for t, w in self._loss_terms if t.requires_grad]
+        terms = [(t, w) for t, w in self._loss_terms.values() if t.requires_grad]
+        tensors = [t for t, _ in terms]
+        seeds = [torch.full_like(t, w * self.loss_scale) for t, w in terms]
         for name in self.outputs if self.param.force_backward else ():
             blob = self.blobs[name]
             seeded = any(blob.tensor is t for t in tensors)
@@ -440,7 +443,16 @@ class Net:
                 tensors.append(blob.tensor)
                 seeds.append(blob._diff if self.loss_scale == 1 else blob._diff * self.loss_scale)
         if tensors:
-            torch.autograd.backward(tensors, seeds)
+            try:
+                torch.autograd.backward(tensors, seeds)
+            except RuntimeError as e:
+                if "backward through the graph a second time" not in str(e):
+                    raise
+                # a forward(start=k) after a backward: layers before k keep their data, not their graph
+                raise UserError(f"net '{self.name}': backward reaches layers whose last forward was already "
+                                "backpropagated (a forward from a later layer ran since); run the whole forward "
+                                "again, or stop the backward where that forward started (pycaffe: "
+                                "backward(end=...))") from None
 
     def backward_from_to(self, start: int, end: int) -> None:
         """Backpropagate the last forward layer by layer from index `start` down to `end`, as Caffe's
