@@ -12,8 +12,8 @@ collective completes meanwhile, training goes on.
 Then each waiting rank logs which rank stalled and where (iteration, phase, the last collective
 every rank finished); the lowest rank that answered (rank 0 when alive) writes a snapshot of the
 last good state -- the weights and solver history as of the iteration being run, since the
-update of an interrupted iteration is applied only after its gradient allreduce -- and calls
-MPI_Abort with STALL_EXIT_CODE, which takes the stalled rank down too and makes mpirun exit with
+update of an interrupted iteration is applied only after its gradient allreduce -- gives the
+other waiting ranks a grace period to report too, and calls MPI_Abort with STALL_EXIT_CODE, which takes the stalled rank down too and makes mpirun exit with
 that code, for a supervisor to relaunch with `--resume`.
 
 Cost while nothing stalls: one MPI_Test per poll of a pre-posted receive. The phase a report
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STALL_EXIT_CODE = 76
 
 _QUERY, _REPLY = 7301, 7302
+_NO_REPLY = -2  # a reply is an iteration, or -1 before the first
 @dataclass
 class StallReport:
     """What a waiting rank found: who stalled, where the others wait, for how long."""
@@ -144,7 +145,7 @@ class StallWatch:
         others = [r for r in range(self.size) if r != self.rank]
         query = np.array([self.rank], np.int64)
         sends = [self.hb.Isend(query, dest=r, tag=_QUERY) for r in others]
-        replies = {r: np.full(1, -1, np.int64) for r in others}
+        replies = {r: np.full(1, _NO_REPLY, np.int64) for r in others}
         receives = {r: self.hb.Irecv(replies[r], source=r, tag=_REPLY) for r in others}
         answered: set[int] = set()
         end = time.monotonic() + self.grace
@@ -155,7 +156,10 @@ class StallWatch:
                         receives[r].Cancel()
                 return False
             self.answer()
-            answered.update(r for r in others if r not in answered and receives[r].Test())
+            # a receive that completes without a reply in it (the job torn down by another rank's
+            # abort) is no answer
+            answered.update(r for r in others
+                            if r not in answered and receives[r].Test() and replies[r][0] != _NO_REPLY)
             time.sleep(0.001)
         del sends  # tiny eager messages; an unanswered one is abandoned with the job
         report = StallReport(
@@ -175,13 +179,19 @@ class StallWatch:
                     log.error("rank %d: snapshot of the last good state: %s", self.rank, self.good_state())
                 except Exception as e:  # noqa: BLE001 -- the abort below must still happen
                     log.error("rank %d: could not snapshot the last good state: %s", self.rank, e)
+            # the other waiting ranks reach their own deadline a little later (they entered the
+            # collective later) and report within a grace period of it: let them, then abort
+            self._answer_for(self.grace)
             log.error("rank %d: aborting the job with exit code %d (stalled rank)", self.rank, STALL_EXIT_CODE)
             self.abort()
-        end = time.monotonic() + max(60.0, 2 * self.timeout)
+        self._answer_for(max(60.0, 2 * self.timeout))
+        self.abort()
+
+    def _answer_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.answer()
             time.sleep(0.01)
-        self.abort()
 
     def abort(self) -> None:
         sys.stdout.flush()
