@@ -13,8 +13,9 @@ Then each waiting rank logs which rank stalled and where (iteration, phase, the 
 every rank finished); the lowest rank that answered (rank 0 when alive) writes a snapshot of the
 last good state -- the weights and solver history as of the iteration being run, since the
 update of an interrupted iteration is applied only after its gradient allreduce -- gives the
-other waiting ranks a grace period to report too, and calls MPI_Abort with STALL_EXIT_CODE, which takes the stalled rank down too and makes mpirun exit with
-that code, for a supervisor to relaunch with `--resume`.
+other waiting ranks a grace period to report too, and calls MPI_Abort with STALL_EXIT_CODE,
+which takes the stalled rank down too and makes mpirun exit with that code, for a supervisor to
+relaunch with `--resume`.
 
 Cost while nothing stalls: one MPI_Test per poll of a pre-posted receive. The phase a report
 names is the communicator's (Communicator.labelled), set by the code that runs the collectives.
@@ -37,6 +38,8 @@ STALL_EXIT_CODE = 76
 
 _QUERY, _REPLY = 7301, 7302
 _NO_REPLY = -2  # a reply is an iteration, or -1 before the first
+
+
 @dataclass
 class StallReport:
     """What a waiting rank found: who stalled, where the others wait, for how long."""

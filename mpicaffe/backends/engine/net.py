@@ -401,7 +401,8 @@ class Net:
                         tops = layer.forward(bottoms)
             if record:
                 self.layer_edges[i] = ([_edge(b) for b in bottoms], [_edge(t) for t in tops])
-            for k, (name, t, ip, w) in enumerate(zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i])):
+            tops_of = zip(self._top_names[i], tops, self._in_place[i], self.loss_weights[i])
+            for k, (name, t, ip, w) in enumerate(tops_of):
                 blob = blobs[name]
                 blob.tensor = t
                 if not ip:
