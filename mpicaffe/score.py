@@ -17,17 +17,25 @@ from mpicaffe.proto import caffe_pb2
 log = logging.getLogger(__name__)
 
 
+def open_net(model: str, phase: int, device: str, level: int, stages: list[str] | tuple, precision: str,
+             weights: str | None) -> Net:
+    """The net of `model` for `phase` and NetState, on `device`, in `precision` (autocast as
+    `train --precision`), with `weights` loaded if given: what `test` and `time` run."""
+    param = prototxt.net_for_phase(prototxt.read_net(model), phase, level, tuple(stages), model)
+    net = Net(param, device=device, source=model, retain_diffs=False)
+    net.set_autocast(autocast_dtype(precision, net.device))
+    if weights:
+        snapshot_io.load_weights(net, weights)
+    return net
+
+
 def score(model: str, weights: str | None, iterations: int, device: str = "cpu", level: int = 0,
           stages: list[str] | tuple = (), precision: str = "fp32") -> list[tuple[str, float]]:
     """Run `iterations` TEST-phase forwards in `precision` (fp32, bf16, fp16: autocast, as `train
     --precision`); log each batch's outputs, the mean loss and the mean of each output element as
     `caffe test` does; return [(output name, mean)]."""
-    param = prototxt.net_for_phase(prototxt.read_net(model), caffe_pb2.TEST, level, tuple(stages), model)
-    net = Net(param, device=device, source=model, retain_diffs=False)
-    net.set_autocast(autocast_dtype(precision, net.device))
-    if weights:
-        snapshot_io.load_weights(net, weights)
-    else:
+    net = open_net(model, caffe_pb2.TEST, device, level, stages, precision, weights)
+    if not weights:
         log.warning("Running without trained weights: the scores are those of the initialized net")
     log.info("Running for %d iterations.", iterations)
     sums = None

@@ -13,10 +13,9 @@ import time
 import torch
 
 from mpicaffe import prototxt
-from mpicaffe.backends.engine import snapshot_io
 from mpicaffe.backends.engine.net import Net
-from mpicaffe.backends.engine.precision import autocast_dtype
 from mpicaffe.logs import format_float
+from mpicaffe.score import open_net
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,7 @@ def time_net(model: str, iterations: int = 50, phase: str = "TRAIN", device: str
              precision: str = "fp32") -> dict:
     """Time `iterations` forward-backward passes in `precision` (fp32, bf16, fp16: autocast, as
     `train --precision`); log Caffe's report and return the figures (ms)."""
-    param = prototxt.net_for_phase(prototxt.read_net(model), prototxt.phase_from_name(phase), level,
-                                   tuple(stages), model)
-    net = Net(param, device=device, source=model, retain_diffs=False)
-    net.set_autocast(autocast_dtype(precision, net.device))
-    if weights:
-        snapshot_io.load_weights(net, weights)
+    net = open_net(model, prototxt.phase_from_name(phase), device, level, stages, precision, weights)
     dev = net.device
     log.info("Performing Forward")
     log.info("Initial loss: %s", format_float(net.forward()))

@@ -24,15 +24,7 @@ import numpy as np
 
 from mpicaffe import caffe as ours
 from tests.parity.common import caffe_net, copy_params, engine_net, pycaffe
-from tests.zoo.test_zoo_parity import (
-    TRAIN,
-    Errors,
-    ZooCase,
-    _align_kinks,
-    _compare_params,
-    _compared_blobs,
-    _layer_params,
-)
+from tests.zoo.test_zoo_parity import TRAIN, Errors, ZooCase, _compare_params, _layer_params, forward_backward
 
 SIZE = 40
 
@@ -131,19 +123,7 @@ def test_fcn8s_written_by_its_net_py_trains_as_in_caffe(tmp_path):
     assert [lp.crop_param.offset[0] for lp in _layer_params(text).values() if lp.type == "Crop"] == [5, 9, 31]
 
     errors = Errors(ZooCase("fcn8s", TRAIN, SIZE, 1))
-    cnet.forward()
-    enet.forward()
-    blobs = _compared_blobs(cnet, enet)
-    for blob in blobs:
-        errors.add(f"blob '{blob}' data", enet.blobs[blob].data, cnet.blobs[blob].data)
-    errors.check()
-    errors.aligned = _align_kinks(cnet, enet, _layer_params(text), errors.tol)
-    cnet.clear_param_diffs()
-    enet.clear_param_diffs()
-    cnet.backward()
-    enet.backward()
-    for blob in blobs:
-        errors.add(f"blob '{blob}' diff", enet.blobs[blob].diff, cnet.blobs[blob].diff)
+    forward_backward(errors, cnet, enet, _layer_params(text))
     # Caffe's Deconvolution computes its weight diff even with lr_mult 0, which the engine leaves
     # at zero (docs/engine.md); the weights of the three fixed upsamplings are compared above
     frozen = [name for name in cnet.params if name.startswith("upscore")]

@@ -319,10 +319,10 @@ def test_test_phase_forward_matches_caffe(case: ZooCase, tmp_path):
     errors.check()
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in TRAIN_CASES])
-def test_train_phase_forward_backward_matches_caffe(case: ZooCase, tmp_path):
-    cnet, enet, layers = _build(case, tmp_path)
-    errors = Errors(case)
+def forward_backward(errors: Errors, cnet, enet: Net, layers: dict[str, caffe_pb2.LayerParameter]) -> None:
+    """A TRAIN forward and backward in both nets: every blob's data and every parameter after the
+    forward (checked), every blob's diff after the backward (added to `errors`, not yet checked:
+    the parameter diffs are the caller's)."""
     cnet.forward()
     enet.forward()
     blobs = _compared_blobs(cnet, enet)
@@ -337,5 +337,12 @@ def test_train_phase_forward_backward_matches_caffe(case: ZooCase, tmp_path):
     enet.backward()
     for blob in blobs:
         errors.add(f"blob '{blob}' diff", enet.blobs[blob].diff, cnet.blobs[blob].diff)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in TRAIN_CASES])
+def test_train_phase_forward_backward_matches_caffe(case: ZooCase, tmp_path):
+    cnet, enet, layers = _build(case, tmp_path)
+    errors = Errors(case)
+    forward_backward(errors, cnet, enet, layers)
     _compare_params(errors, cnet, enet, diff=True)
     errors.check()

@@ -330,13 +330,17 @@ class Net:
     def run_layer_alone(self, i: int, bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
         """Layer i's forward on these bottoms, outside the net, in the arithmetic set_autocast gives
         it in the net's forward (mpicaffe time's per-layer backward)."""
-        cast = self._bottom_dtype[i]
-        if cast is not None:
-            bottoms = [b.to(cast) if b.is_floating_point() else b for b in bottoms]
+        bottoms = self._cast_bottoms(i, bottoms)
         if self.autocast_dtype is None:
             return self.layers[i].forward(bottoms)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=cast is not torch.float32):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self._bottom_dtype[i] is not torch.float32):
             return self.layers[i].forward(bottoms)
+
+    def _cast_bottoms(self, i: int, bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layer i's floating-point bottoms in the dtype set_autocast gives it (as they are if none)."""
+        cast = self._bottom_dtype[i]
+        return bottoms if cast is None else [b.to(cast) if b.is_floating_point() else b for b in bottoms]
 
     def _forward(self, start: int, end: int) -> float:
         if self.autocast_dtype is None:
@@ -388,10 +392,9 @@ class Net:
                 pd = layer.param.propagate_down
                 if pd:
                     bottoms = [b if keep else b.detach() for b, keep in zip(bottoms, pd)]
-                cast = self._bottom_dtype[i]
-                if cast is not None:
-                    bottoms = [b.to(cast) if b.is_floating_point() else b for b in bottoms]
-                with torch.autocast(self.device.type, enabled=False) if cast is torch.float32 else _NO_CONTEXT:
+                bottoms = self._cast_bottoms(i, bottoms)
+                float32 = self._bottom_dtype[i] is torch.float32
+                with torch.autocast(self.device.type, enabled=False) if float32 else _NO_CONTEXT:
                     if self._scale_after[i] and i < end and not record and not (before or after):
                         # BatchNorm and the Scale after it in one call; the Scale's top is the same
                         # blob, in place, so its loop below does for both
