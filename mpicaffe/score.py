@@ -23,7 +23,10 @@ def open_net(model: str, phase: int, device: str, level: int, stages: list[str] 
     `train --precision`), with `weights` loaded if given: what `test` and `time` run."""
     param = prototxt.net_for_phase(prototxt.read_net(model), phase, level, tuple(stages), model)
     net = Net(param, device=device, source=model, retain_diffs=False)
-    net.set_autocast(autocast_dtype(precision, net.device))
+    dtype = autocast_dtype(precision, net.device)
+    if dtype is not None:
+        log.info("Precision %s: the net runs under autocast to %s, as train --precision runs it", precision, dtype)
+    net.set_autocast(dtype)
     if weights:
         snapshot_io.load_weights(net, weights)
     return net

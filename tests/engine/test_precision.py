@@ -232,10 +232,15 @@ def test_test_and_time_take_the_precision(digits, fp32_accuracy, precision):
     # the fp32 run's last snapshot, scored on the 300 test images in each precision
     model = ["--model", "prototxt/digits/digits_train_val.prototxt", "--iterations", "3"]
     weights = ["--weights", "examples_out/fp32/digits_iter_600.caffemodel"]
-    fp32 = _scored_accuracy(_cli(["test", *model, *weights], digits))
-    low = _scored_accuracy(_cli(["test", *model, *weights, "--precision", precision], digits))
+    fp32_log = _cli(["test", *model, *weights], digits)
+    low_log = _cli(["test", *model, *weights, "--precision", precision], digits)
+    fp32, low = _scored_accuracy(fp32_log), _scored_accuracy(low_log)
     assert fp32 == fp32_accuracy and abs(low - fp32) <= ACCURACY_MARGIN, (precision, low, fp32)
+    # the low precision really ran: its loss is not fp32's to the last printed digit
+    assert f"Precision {precision}: the net runs under autocast" in low_log
+    assert re.findall(r"Loss: (\S+)", low_log) != re.findall(r"Loss: (\S+)", fp32_log)
     log = _cli(["time", *model[:2], "--iterations", "2", "--precision", precision], digits)
+    assert f"Precision {precision}: the net runs under autocast" in log
     assert "Average Forward-Backward" in log and re.search(r"conv1\tbackward: [0-9.]+ ms", log)
 
 
